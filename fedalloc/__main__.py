@@ -1,0 +1,3 @@
+from fedalloc.cli import main
+
+main()
