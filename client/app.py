@@ -1,0 +1,101 @@
+"""The hospital node's Flower ClientApp (Message API).
+
+Handlers: `train` (DP-SGD on local records, reply weights + public metrics) and `query.predict`
+(reply the DP-released D_i). On any failure the reply is a Flower Error whose reason is one of a
+few fixed phrases; the details, which may mention record content, stay in the node's own log.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Mapping
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.ledger import BudgetExceeded, LedgerError
+from client.node import NodeSettings
+from core.records import RecordsError
+from core.run_config import RunSettings
+
+log = logging.getLogger("fedalloc.node")
+logging.getLogger("flwr").propagate = False  # opacus calls logging.basicConfig; avoid double lines
+
+# Error codes/reasons a node may send. The audit on the coordinator allows exactly these.
+ERRORS = {
+    "records": (4001, "records invalid"),
+    "budget": (4002, "budget exhausted"),
+    "ledger": (4003, "ledger unusable"),
+    "config": (4004, "configuration invalid"),
+    "internal": (4005, "node failure"),
+}
+
+
+def _classify(exc: BaseException) -> str:
+    if isinstance(exc, RecordsError):
+        return "records"
+    if isinstance(exc, BudgetExceeded):
+        return "budget"
+    if isinstance(exc, LedgerError):
+        return "ledger"
+    if isinstance(exc, (ValueError, KeyError, FileNotFoundError)):
+        return "config"
+    return "internal"
+
+
+def error_reply(msg: Message, exc: BaseException) -> Message:
+    kind = _classify(exc)
+    log.error("node refused %s: %s", msg.metadata.message_type, exc)
+    code, reason = ERRORS[kind]
+    return Message(Error(code=code, reason=reason), reply_to=msg)
+
+
+def make_app(sim_nodes: Mapping[int, Mapping[str, Any]] | None = None) -> ClientApp:
+    """A ClientApp. `sim_nodes` maps simulation partition ids to node configs (simulation only)."""
+    app = ClientApp()
+
+    def settings(msg: Message, context: Context) -> tuple[RunSettings, NodeSettings, str]:
+        cfg = dict(msg.content["config"]) if "config" in msg.content else {}
+        run = RunSettings.from_mapping(cfg)
+        node = NodeSettings.from_config(context.node_config, sim_nodes)
+        return run, node, str(context.run_id)
+
+    def guarded(fn: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
+        def handler(msg: Message, context: Context) -> Message:
+            try:
+                return fn(msg, context)
+            except Exception as exc:  # every failure becomes a fixed-phrase error reply
+                return error_reply(msg, exc)
+
+        handler.__name__ = fn.__name__
+        return handler
+
+    @app.train()
+    @guarded
+    def train(msg: Message, context: Context) -> Message:
+        from client.tasks import train_task  # torch/opacus only when there is work
+
+        run, node, run_id = settings(msg, context)
+        server_round = int(msg.content["config"].get("server-round", 1)) + int(
+            msg.content["config"].get("round-offset", 0)
+        )
+        state = msg.content["arrays"].to_torch_state_dict()
+        new_state, metrics = train_task(state, run, node, run_id, server_round)
+        content = RecordDict({"arrays": ArrayRecord(new_state), "metrics": MetricRecord(metrics)})
+        return Message(content=content, reply_to=msg)
+
+    @app.query("predict")
+    @guarded
+    def predict(msg: Message, context: Context) -> Message:
+        from client.tasks import predict_task
+
+        run, node, run_id = settings(msg, context)
+        state = msg.content["arrays"].to_torch_state_dict()
+        metrics = predict_task(state, run, node, run_id)
+        content = RecordDict({"metrics": MetricRecord(metrics), "node": ConfigRecord({"hospital": node.hospital})})
+        return Message(content=content, reply_to=msg)
+
+    return app
+
+
+app = make_app()
