@@ -57,7 +57,7 @@ def make_app(sim_nodes: Mapping[int, Mapping[str, Any]] | None = None) -> Client
     def settings(msg: Message, context: Context) -> tuple[RunSettings, NodeSettings, str]:
         cfg = dict(msg.content["config"]) if "config" in msg.content else {}
         run = RunSettings.from_mapping(cfg)
-        node = NodeSettings.from_config(context.node_config, sim_nodes)
+        node = NodeSettings.from_config(context.node_config, sim_nodes, context.run_config, str(context.run_id))
         return run, node, str(context.run_id)
 
     def guarded(fn: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:

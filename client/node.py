@@ -35,10 +35,20 @@ class NodeSettings:
     debug_seed: int | None = None
 
     @classmethod
-    def from_config(cls, node_config: Mapping[str, Any], sim_nodes: Mapping[int, Mapping[str, Any]] | None = None) -> "NodeSettings":
+    def from_config(
+        cls,
+        node_config: Mapping[str, Any],
+        sim_nodes: Mapping[int, Mapping[str, Any]] | None = None,
+        run_config: Mapping[str, Any] | None = None,
+        run_id: str = "0",
+    ) -> "NodeSettings":
         cfg = dict(node_config)
-        if "data-path" not in cfg and sim_nodes is not None and "partition-id" in cfg:
-            cfg.update(sim_nodes[int(cfg["partition-id"])])
+        if "data-path" not in cfg and "partition-id" in cfg:
+            pid = int(cfg["partition-id"])
+            if sim_nodes is not None:
+                cfg.update(sim_nodes[pid])
+            else:
+                cfg.update(_flwr_run_simulation_node(pid, dict(run_config or {}), run_id))
         missing = [k for k in ("data-path", "ledger-path") if not cfg.get(k)]
         if missing:
             raise ValueError(f"node config is missing {', '.join(missing)} (set them with --node-config)")
@@ -64,3 +74,29 @@ def series_for(node: NodeSettings, run: RunSettings) -> pd.DataFrame:
 def _series_cached(path: str, mtime: int, size: int, start: str, end: str, period: str, measure: str, los_cap: float) -> pd.DataFrame:
     records = load_records(path)
     return demand_series(records, start=start, end=end, period=period, measure=measure, los_cap=los_cap, groups=DRG_GROUPS)
+
+
+def _flwr_run_simulation_node(pid: int, run_config: dict[str, Any], run_id: str) -> dict[str, Any]:
+    """Files of virtual node `pid` under `flwr run .` in simulation (no --node-config).
+
+    Synthetic hospital `pid` depends only on (seed, pid), so each virtual node writes just its
+    own file and nodes never race. Ledgers are per run: these are synthetic records.
+    """
+    from simulations.synthetic import SyntheticConfig, generate_hospital_records, hospital_name, write_records
+
+    name = hospital_name(pid)
+    data_dir = Path(str(run_config.get("sim-data-dir") or "")).expanduser()
+    if not str(run_config.get("sim-data-dir") or ""):
+        seed = int(run_config.get("seed", 0))
+        data_dir = Path.home() / ".cache" / "fedalloc" / f"synthetic-seed{seed}"
+        path = data_dir / f"{name}.csv"
+        if not path.exists():
+            data_dir.mkdir(parents=True, exist_ok=True)
+            tmp = data_dir / f".{name}.{os.getpid()}.csv"
+            write_records(generate_hospital_records(SyntheticConfig(seed=seed), pid), tmp)
+            os.replace(tmp, path)
+    return {
+        "data-path": str(data_dir / f"{name}.csv"),
+        "ledger-path": str(data_dir / "ledgers" / f"run-{run_id}" / f"{name}.json"),
+        "hospital": name,
+    }

@@ -40,6 +40,9 @@ DEFAULTS: dict[str, Any] = {
     "run-name": "",
     "seed": 0,
     "round-timeout": 600.0,
+    # Simulation only (`flwr run .` without per-node --node-config): where virtual node i finds
+    # hospital_{i:03d}.csv; empty means "generate synthetic hospital i on the fly".
+    "sim-data-dir": "",
 }
 
 
@@ -73,6 +76,7 @@ class RunSettings:
     run_name: str
     seed: int
     round_timeout: float
+    sim_data_dir: str
 
     @classmethod
     def from_mapping(cls, *layers: Mapping[str, Any]) -> "RunSettings":

@@ -1,0 +1,159 @@
+"""`fedalloc allocate`: split a total across hospitals from a demand CSV and report fairness.
+
+Registered in fedalloc.cli with ``app.command("allocate")(allocate_command)``. Only the light
+allocation core is imported (numpy, pandas), never flwr or torch.
+"""
+
+# No `from __future__ import annotations`: typer reads these annotations at runtime.
+
+import re
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import numpy as np
+import pandas as pd
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from core.allocation import POLICIES, allocate
+from core.allocation_io import DemandFileError, DemandTable, read_demand_csv, write_allocation_csv
+from core.drg import RELATIVE_WEIGHTS
+from core.numeric_checks import as_scalar
+
+Policy = Enum("Policy", {name: name for name in POLICIES}, type=str)  # type: ignore[misc]
+
+EXIT_BAD_INPUT = 2
+# Core errors name an argument and an index ("floors[3] ..."); map them back to the file's column.
+_ARG_TO_COLUMN = {"demand": "demand", "resources": "resources", "floors": "floor", "caps": "cap",
+                  "demand_std": "demand_std"}
+_INDEXED = re.compile(r"^(\w+)\[(\d+)\]")
+
+
+def _fail(message: str) -> NoReturn:
+    Console(stderr=True, soft_wrap=True).print(f"error: {message}", markup=False, highlight=False)
+    raise typer.Exit(code=EXIT_BAD_INPUT)
+
+
+def _locate(exc: ValueError, data: DemandTable) -> str:
+    msg = str(exc)
+    m = _INDEXED.match(msg)
+    if m and m.group(1) in _ARG_TO_COLUMN and int(m.group(2)) < len(data):
+        line = int(data.lines[int(m.group(2))])
+        return f"{data.path}: line {line}, column {_ARG_TO_COLUMN[m.group(1)]!r}: {msg}"
+    return f"{data.path}: {msg}"
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, (int, np.integer)):
+        return f"{int(value):,}"
+    if isinstance(value, (float, np.floating)):
+        if np.isnan(value):
+            return "–"
+        if np.isinf(value):
+            return "∞"
+        return f"{value:,.4f}" if abs(value) < 1 else f"{value:,.2f}"
+    return str(value)
+
+
+def _print_table(console: Console, table: pd.DataFrame, show: int) -> None:
+    view = table if show <= 0 else table.head(show)
+    out = Table(show_header=True, header_style="bold")
+    for col in view.columns:
+        out.add_column(str(col), justify="left" if col == "hospital" else "right")
+    for row in view.itertuples(index=False):
+        out.add_row(*(_fmt(v) for v in row))
+    console.print(out)
+    hidden = len(table) - len(view)
+    if hidden > 0:
+        console.print(f"… {hidden:,} more rows (--show 0 prints all; --out writes the CSV)")
+
+
+def allocate_command(
+    demand_csv: Annotated[Path, typer.Argument(
+        help="CSV with hospital,demand,resources [,cap,floor,demand_std,demand_<group>…]",
+        show_default=False)],
+    total: Annotated[float | None, typer.Option(
+        "--total", help="Amount to allocate (for drg_budget: the payment budget, same as --budget).",
+        show_default=False)] = None,
+    policy: Annotated[Policy, typer.Option("--policy", help="Allocation policy.")] = Policy.seed,
+    integer: Annotated[bool, typer.Option(
+        "--integer", help="Whole units (beds, ventilators): largest remainder, sums exactly.")] = False,
+    quantile: Annotated[float | None, typer.Option(
+        "--quantile", help="Allocate on this normal quantile of demand (needs a demand_std column).",
+        show_default=False)] = None,
+    budget: Annotated[float | None, typer.Option(
+        "--budget", help="drg_budget: global payment cap.", show_default=False)] = None,
+    base_rate: Annotated[float, typer.Option("--base-rate", help="drg_budget: payment per unit of relative weight.")] = 1.0,
+    out: Annotated[Path | None, typer.Option("--out", help="Write the allocation table to this CSV.",
+                                             show_default=False)] = None,
+    show: Annotated[int, typer.Option("--show", help="Rows to print (0 = all).")] = 20,
+) -> None:
+    """Allocate a total across hospitals under a policy; print the table and fairness summary."""
+    name = policy.value
+    is_drg = name == "drg_budget"
+    if total is None and not (is_drg and budget is not None):
+        _fail(f"--total is required for policy {name}" + (" (or give --budget)" if is_drg else ""))
+    if not is_drg and budget is not None:
+        _fail(f"--budget only applies to --policy drg_budget, not {name}")
+    if is_drg and quantile is not None:
+        _fail("--quantile does not apply to --policy drg_budget")
+    if is_drg and None not in (total, budget) and total != budget:
+        _fail(f"for drg_budget --total and --budget name the same amount; got {total} and {budget}")
+    # Option errors are reported as such, before the file is read, so they never point at the file.
+    for flag, value, whole in (("--total", total, integer), ("--budget", budget, integer),
+                               ("--base-rate", base_rate, False)):
+        if value is not None:
+            try:
+                as_scalar(flag, value, integer=whole)
+            except ValueError as exc:
+                _fail(str(exc))
+    if quantile is not None and not 0.0 < quantile < 1.0:
+        _fail(f"--quantile must be strictly between 0 and 1, got {quantile}")
+
+    try:
+        data = read_demand_csv(demand_csv, known_groups=tuple(RELATIVE_WEIGHTS) if is_drg else None)
+    except DemandFileError as exc:
+        _fail(str(exc))
+    if quantile is not None and data.demand_std is None:
+        _fail(f"{data.path}: line 1: --quantile needs a demand_std column")
+
+    console = Console()
+    unused = [c for c, v in (("cap", data.cap), ("floor", data.floor)) if v is not None]
+    if unused and name != "capped":
+        console.print(f"note: column(s) {', '.join(unused)} only apply to --policy capped; ignored")
+
+    amount = budget if is_drg and budget is not None else total
+    kwargs: dict[str, Any] = {"integer": integer, "hospitals": data.hospital}
+    if name == "capped":
+        kwargs.update(caps=data.cap, floors=data.floor)
+    if quantile is not None:
+        kwargs.update(quantile=quantile, demand_std=data.demand_std)
+    if is_drg:
+        kwargs.update(group_demand=data.group_demand, base_rate=base_rate)
+    try:
+        result = allocate(data.demand, data.resources, amount, name, **kwargs)
+    except ValueError as exc:
+        _fail(_locate(exc, data))
+
+    if out is not None:
+        try:
+            write_allocation_csv(result.table, out)
+        except OSError as exc:
+            _fail(f"{out}: cannot write ({exc.strerror or exc})")
+
+    _print_table(console, result.table, show)
+    f = result.fairness
+    console.print(
+        f"policy {name} · {len(data):,} hospitals · "
+        f"Σ allocation {_fmt(result.table['allocation'].sum())} of {_fmt(float(amount))}",
+        soft_wrap=True,
+    )
+    console.print(
+        f"fairness (coverage A/D): gini {f['gini']:.4f} · jain {f['jain']:.4f} · "
+        f"max relative shortfall {f['max_relative_shortfall']:.4f}",
+        soft_wrap=True,
+    )
+    if out is not None:
+        console.print(f"wrote {out}")

@@ -1,0 +1,104 @@
+"""`fedalloc simulate` and `fedalloc ledger show`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+console = Console()
+
+
+def simulate_command(
+    hospitals: int = typer.Option(10, help="Synthetic hospitals to generate (ignored with --data)."),
+    rounds: int = typer.Option(5, help="Federated training rounds."),
+    epsilon: float = typer.Option(3.0, help="ε each node may spend in this run (and its lifetime budget)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Directory with one encounter-records file per hospital."),
+    resources: Optional[Path] = typer.Option(None, "--resources", help="CSV with hospital,resources (R_i)."),
+    total: float = typer.Option(1000.0, help="A_total to allocate."),
+    policy: str = typer.Option("seed", help="Allocation policy."),
+    strategy: str = typer.Option("fedavg", help="fedavg, fedtrimmedavg or krum."),
+    engine: str = typer.Option("ray", help="ray (Flower simulation engine) or inprocess (fast, one process)."),
+    start: str = typer.Option("2023-01-02", help="First day of the series (public)."),
+    cutoff: str = typer.Option("2025-12-01", help="Train on records before this date, forecast after it."),
+    out: Path = typer.Option(Path("results"), "--out", help="Results directory."),
+    name: Optional[str] = typer.Option(None, help="Run name (default: timestamp)."),
+    seed: int = typer.Option(0, help="Seed of the synthetic hospitals and the initial model."),
+) -> None:
+    """Run a whole federation locally: DP training, D_i release, allocation."""
+    from simulations.driver import simulate
+
+    if data is not None and not data.is_dir():
+        console.print(f"[red]--data {data}: not a directory[/red]")
+        raise typer.Exit(2)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} rounds"),
+                  TimeElapsedColumn(), console=console) as progress:
+        task = progress.add_task("federated DP training", total=rounds)
+
+        def on_round(r: int, n: int, rec: dict) -> None:
+            eps = rec.get("mean_epsilon")
+            progress.update(task, completed=r, description=(
+                f"round {r}/{n}: {rec['ok']}/{rec['asked']} nodes"
+                + (f", {rec['failed']} failed" if rec["failed"] else "")
+                + (f", ε≈{eps:.2f}" if eps is not None else "")))
+
+        outcome = simulate(
+            hospitals=hospitals, rounds=rounds, epsilon=epsilon, data_dir=data, resources=resources,
+            engine=engine, results_dir=str(out), run_name=name, seed=seed, on_round=on_round,
+            overrides={"total": total, "policy": policy, "strategy": strategy, "start": start, "cutoff": cutoff},
+        )
+    if outcome.error:
+        console.print(f"[red]run failed: {outcome.error}[/red]")
+        console.print(f"details in {outcome.path}/metrics.json")
+        raise typer.Exit(1)
+    _print_allocations(outcome)
+    console.print(f"results in [bold]{outcome.path}[/bold] (allocations.csv, forecasts.csv, rounds.csv, metrics.json)")
+
+
+def _print_allocations(outcome) -> None:  # type: ignore[no-untyped-def]
+    table = Table(title="allocations")
+    for col in ("hospital", "demand", "resources", "weight", "allocation", "ε"):
+        table.add_column(col, justify="right")
+    for row in outcome.allocations.itertuples():
+        table.add_row(row.hospital, f"{row.demand:.1f}", f"{row.resources:.1f}", f"{row.weight:.4f}",
+                      f"{row.allocation:.2f}", f"{outcome.epsilon.get(row.hospital, float('nan')):.3f}")
+    console.print(table)
+    console.print("fairness: " + ", ".join(f"{k}={v:.4f}" for k, v in outcome.fairness.items()))
+
+
+ledger_app = typer.Typer(help="Inspect a node's privacy ledger.", no_args_is_help=True)
+
+
+@ledger_app.command("show")
+def ledger_show_command(
+    path: Path = typer.Argument(..., help="The node's ledger file."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable summary with the full history."),
+) -> None:
+    """Spending per run and the remaining budget."""
+    from client.ledger import Ledger, LedgerError
+
+    try:
+        ledger = Ledger.read(path)
+    except LedgerError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1)
+    summary = ledger.summary()
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    table = Table(title=f"ledger of {ledger.node} ({ledger.accountant} accountant, δ={ledger.delta:g})")
+    for col in ("run", "mechanisms", "steps", "ε after run"):
+        table.add_column(col, justify="right")
+    by_run: dict[str, list[dict]] = {}
+    for e in ledger.entries:
+        by_run.setdefault(e["run"], []).append(e)
+    for run, entries in by_run.items():
+        table.add_row(run, str(len(entries)), str(sum(e["steps"] for e in entries)), f"{entries[-1]['epsilon_after']:.4f}")
+    console.print(table)
+    spent = summary["epsilon_spent"]
+    console.print(f"ε spent {spent:.4f} of {ledger.budget:.4f}; remaining {max(ledger.budget - spent, 0):.4f}")
