@@ -95,6 +95,18 @@ def make_app(sim_nodes: Mapping[int, Mapping[str, Any]] | None = None) -> Client
         content = RecordDict({"metrics": MetricRecord(metrics), "node": ConfigRecord({"hospital": node.hospital})})
         return Message(content=content, reply_to=msg)
 
+    @app.query("analytics")
+    @guarded
+    def analytics(msg: Message, context: Context) -> Message:
+        from client.query_task import query_task
+        from core.queries import QuerySpec
+
+        _, node, run_id = settings(msg, context)
+        spec = QuerySpec.from_config(dict(msg.content["query"]))  # re-validated here: never trust the sender
+        metrics = query_task(run_id, spec, node)
+        content = RecordDict({"metrics": MetricRecord(metrics), "node": ConfigRecord({"hospital": node.hospital})})
+        return Message(content=content, reply_to=msg)
+
     return app
 
 

@@ -27,7 +27,7 @@ class Examples:
 
 def season_features(dates: pd.DatetimeIndex | pd.Series) -> np.ndarray:
     """sin/cos of the day of year: public, depends only on the calendar."""
-    doy = pd.DatetimeIndex(dates).dayofyear.to_numpy(dtype=np.float64)
+    doy = pd.DatetimeIndex(dates).day_of_year.to_numpy(dtype=np.float64)
     angle = 2 * np.pi * doy / 365.25
     return np.stack([np.sin(angle), np.cos(angle)], axis=1).astype(np.float32)
 

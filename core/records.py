@@ -149,7 +149,8 @@ def _read_parquet(path: Path, file: str) -> pd.DataFrame:
         raise RecordsError([Problem(file, None, None, f"unreadable Parquet file ({type(exc).__name__})")]) from exc
     if len(df.columns) == 0:
         raise RecordsError([Problem(file, None, None, "empty file (no columns)")])
-    df = df.reset_index(drop=True)
+    # A meaningful stored index (e.g. admit_date saved as the index) is data, not row numbers.
+    df = df.reset_index(drop=isinstance(df.index, pd.RangeIndex))
     df.index = pd.RangeIndex(1, len(df) + 1, name=ROW_INDEX_NAME)
     return df
 
@@ -189,7 +190,8 @@ def _csv_layout(path: Path, file: str) -> tuple[int, list[int]]:
                 header_seen = True
                 width = len(fields)
                 continue
-            if len(fields) > width:
+            if len(fields) > width and any(f.strip() for f in fields[width:]):
+                # Extra *empty* cells (a trailing comma from some exporters) are harmless.
                 problems.append(
                     Problem(file, start, None, f"{len(fields)} fields but the header has {width}")
                 )
@@ -212,7 +214,7 @@ def _read_csv(path: Path, file: str) -> pd.DataFrame:
         raise RecordsError([Problem(file, None, None, "empty file (no header)")]) from exc
     except pd.errors.ParserError as exc:
         raise RecordsError([Problem(file, None, None, "malformed CSV")]) from exc
-    if False:
+    if len(lines) == len(df):
         df.index = pd.Index(lines, name=ROW_INDEX_NAME)
     else:
         # The csv module and pandas disagreed on some exotic quoting; fall back to the

@@ -39,10 +39,14 @@ def check_bounds(floors: NDArray[np.float64], caps: NDArray[np.float64], total: 
 
 def _solve_level(
     w: NDArray[np.float64], f: NDArray[np.float64], c: NDArray[np.float64], target: float
-) -> float:
-    """λ >= 0 with Σ clip(λ·w, f, c) == target, for w > 0 and Σf <= target <= Σc."""
+) -> tuple[float, float]:
+    """(num, den) with λ = num/den >= 0 and Σ clip(λ·w, f, c) == target (w > 0, Σf <= target <= Σc).
+
+    λ is returned as a ratio because with tiny weights it can overflow while every allocation
+    λ·w_i = (w_i/den)·num stays representable.
+    """
     if w.size == 0:
-        return 0.0
+        return 0.0, 1.0
     with np.errstate(over="ignore"):
         lo = f / w
         hi = c / w
@@ -74,9 +78,18 @@ def _solve_level(
         else:
             b = pivot
     if slope == 0.0:
-        return a
-    lam = (target - const) / slope
-    return min(max(lam, a), b)
+        return a, 1.0
+    num = target - const
+    if a > 0 and num / slope < a:  # floating-point guard: stay inside the bracket
+        return a, 1.0
+    if num / slope > b:
+        return b, 1.0
+    return num, slope
+
+
+def _level(w: NDArray[np.float64], num: float, den: float) -> NDArray[np.float64]:
+    with np.errstate(over="ignore"):
+        return (w / den) * num
 
 
 def water_fill(
@@ -87,19 +100,24 @@ def water_fill(
 ) -> NDArray[np.float64]:
     """A_i = clip(λ·D_i, floor_i, cap_i) with Σ A_i = total; see the module docstring."""
     check_bounds(floors, caps, total)
-    pos = demand > 0
+    top = float(demand.max())
+    if top > 0:
+        # λ is scale-free; normalising keeps the breakpoints floor/D and cap/D in floating range.
+        demand = demand / top
+    pos = demand > 0  # after normalising: a demand that underflows to 0 is treated as none
     if not pos.any():
         # No demand anywhere: fall back to the equal level, like proportional's equal split.
-        mu = _solve_level(np.ones_like(demand), floors, caps, total)
-        return np.clip(mu, floors, caps)
+        ones = np.ones_like(demand)
+        return np.clip(_level(ones, *_solve_level(ones, floors, caps, total)), floors, caps)
     rest = ~pos
     rest_floor = float(floors[rest].sum())
     pos_cap = float(caps[pos].sum())
     if pos_cap + rest_floor >= total:
-        lam = _solve_level(demand[pos], floors[pos], caps[pos], total - rest_floor)
-        return np.clip(lam * demand, floors, caps)
+        ratio = _solve_level(demand[pos], floors[pos], caps[pos], total - rest_floor)
+        return np.clip(_level(demand, *ratio), floors, caps)
     # Every hospital with demand is capped; spread what is left over the zero-demand hospitals.
     out = np.where(pos, caps, floors)
-    mu = _solve_level(np.ones(int(rest.sum())), floors[rest], caps[rest], total - pos_cap)
+    ones = np.ones(int(rest.sum()))
+    mu = _level(ones, *_solve_level(ones, floors[rest], caps[rest], total - pos_cap))
     out[rest] = np.clip(mu, floors[rest], caps[rest])
     return out

@@ -339,24 +339,30 @@ def test_property_capped_is_a_common_level(case: dict) -> None:
     tol = 1e-7 * max(case["total"], 1.0)
     pos = d > 0
     free = pos & (out > f + tol) & (out < c - tol)
-    cov = np.divide(out, d, out=np.zeros_like(out), where=pos)
+    with np.errstate(over="ignore"):
+        cov = np.divide(out, d, out=np.zeros_like(out), where=pos)
+    assume(np.isfinite(cov).all())  # subnormal demand: the allocation is fine, this check is not
     if free.any():
         lam = cov[free]
         assert np.allclose(lam, lam[0], rtol=1e-6)
-        assert (cov[pos & (out >= c - tol)] <= lam[0] * (1 + 1e-6) + tol).all()
-        assert (cov[pos & (out <= f + tol)] >= lam[0] * (1 - 1e-6) - tol).all()
+        # A hospital pinned at both bounds (floor == cap) constrains nothing.
+        at_cap = pos & (out >= c - tol) & (out > f + tol)
+        at_floor = pos & (out <= f + tol) & (out < c - tol)
+        assert (cov[at_cap] <= lam[0] * (1 + 1e-6) + tol).all()
+        assert (cov[at_floor] >= lam[0] * (1 - 1e-6) - tol).all()
 
 
 @SETTINGS
 @given(case=instances(bounded=True))
 def test_property_capped_integer_respects_bounds(case: dict) -> None:
-    f, c = np.ceil(case["floors"]), np.floor(case["caps"])
-    assume(f.sum() <= c.sum())
-    total = int(np.clip(np.floor(case["total"]), f.sum(), c.sum()))
-    out = _run({**case, "total": total}, "capped", integer=True)
+    # Whole-number-compatible bounds built directly (filtering with assume would starve hypothesis).
+    f = np.ceil(case["floors"])
+    c = np.maximum(np.floor(case["caps"]), f)
+    total = int(np.clip(np.floor(case["total"]), f.sum(), min(c.sum(), 10**7)))
+    out = allocate_array(case["demand"], None, total, "capped", floors=f, caps=c, integer=True)
     assert int(out.sum()) == total
-    assert (out >= case["floors"]).all()
-    assert (out <= case["caps"]).all()
+    assert (out >= f).all()
+    assert (out <= c).all()
 
 
 @SETTINGS

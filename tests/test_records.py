@@ -268,7 +268,7 @@ def test_read_records_index_is_row_number(tmp_path):
 # --------------------------------------------------------------------------- property
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(
     n=st.integers(min_value=1, max_value=30),
     data=st.data(),

@@ -136,7 +136,7 @@ def test_cell_sensitivity_values():
     assert cell_sensitivity("bed_days", 14.0) == 14.0
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(
     days=st.lists(st.integers(min_value=-10, max_value=80), max_size=25),
     groups=st.lists(st.sampled_from(["cardiac", "renal", "other"]), min_size=25, max_size=25),
@@ -206,7 +206,7 @@ def test_window_multiplicity_values():
         window_multiplicity(2, 1, 0)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(
     t=st.integers(min_value=0, max_value=40),
     g=st.integers(min_value=1, max_value=4),

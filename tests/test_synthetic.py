@@ -97,7 +97,7 @@ def test_end_date_is_whole_weeks():
 
 
 def test_winter_respiratory_peak():
-    cfg = SyntheticConfig(hospitals=4, years=2, seed=1)
+    cfg = SyntheticConfig(hospitals=3, years=2, seed=1)
     daily = []
     for i in range(cfg.hospitals):
         df = generate_hospital_records(cfg, i)
