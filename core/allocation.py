@@ -71,8 +71,15 @@ class _Outcome:
     reference: Vector | None = None  # what fairness compares the allocation with
 
 
+def _unit_max(x: Vector) -> Vector:
+    """x scaled so its largest entry is 1: shares are scale-free, and this keeps Σx finite."""
+    top = float(x.max())
+    return x / top if top > 0 else x
+
+
 def _shares(x: Vector) -> Vector:
     """x/Σx, or an equal split when Σx = 0 (nobody has a stronger claim than anyone else)."""
+    x = _unit_max(x)
     s = float(x.sum())
     if s > 0:
         return x / s
@@ -80,6 +87,7 @@ def _shares(x: Vector) -> Vector:
 
 
 def _seed_weights(d: Vector, r: Vector) -> Vector:
+    d, r = _unit_max(d), _unit_max(r)  # W is invariant to rescaling D or R
     sd, sr = float(d.sum()), float(r.sum())
     if sd == 0:
         return _shares(d)
@@ -91,7 +99,7 @@ def _seed_weights(d: Vector, r: Vector) -> Vector:
 
 def _need_gap_weights(d: Vector, r: Vector) -> Vector:
     gap = np.maximum(d - r, 0.0)
-    return _shares(gap) if float(gap.sum()) > 0 else _shares(d)
+    return _shares(gap) if gap.any() else _shares(d)
 
 
 def _scale(weight: Vector, total: float) -> Vector:

@@ -24,6 +24,11 @@ EXIT_NO_ANSWER = 1
 RECORD_SUFFIXES = (".csv", ".csv.gz", ".parquet", ".pq")
 
 
+class MeanInterval(str, Enum):
+    conservative = "conservative"
+    delta = "delta"
+
+
 class Statistic(str, Enum):
     count = "count"
     sum = "sum"
@@ -78,6 +83,9 @@ def query_command(
     budget: Annotated[float, typer.Option("--budget", help="Each node's lifetime ε budget.")] = 3.0,
     delta: Annotated[float, typer.Option("--delta", help="Each node's δ.")] = 1e-5,
     level: Annotated[float, typer.Option("--level", help="Confidence level of the intervals.")] = 0.95,
+    mean_interval: Annotated[MeanInterval, typer.Option(
+        "--mean-interval", help="mean only: conservative (guaranteed) or delta (approximate, narrower).")
+    ] = MeanInterval.conservative,
     hospitals: Annotated[int, typer.Option("--hospitals", min=1, help="Synthetic hospitals (no --data).")] = 5,
     years: Annotated[int, typer.Option("--years", min=1, help="Synthetic years of data (no --data).")] = 3,
     seed: Annotated[int, typer.Option("--seed", help="Synthetic data seed (no --data).")] = 0,
@@ -120,7 +128,7 @@ def query_command(
         if not files:
             _fail(f"{data}: no records files matching {pattern!r}")
         ledger_dir = ledgers if ledgers is not None else data / "ledgers"
-        result = _run(spec, files, ledger_dir, budget, delta, level)
+        result = _run(spec, files, ledger_dir, budget, delta, level, mean_interval.value)
 
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=1))
@@ -130,7 +138,7 @@ def query_command(
         raise typer.Exit(code=EXIT_NO_ANSWER)
 
 
-def _run(spec, files, ledger_dir, budget, delta, level):  # type: ignore[no-untyped-def]
+def _run(spec, files, ledger_dir, budget, delta, level, mean_interval):  # type: ignore[no-untyped-def]
     from client.app import make_app
     from server.queries import run_query
     from simulations.inprocess import InProcessGrid
@@ -141,7 +149,7 @@ def _run(spec, files, ledger_dir, budget, delta, level):  # type: ignore[no-unty
         configs.append({"data-path": str(f), "ledger-path": str(ledger_dir / f"{name}.json"),
                         "hospital": name, "budget": budget, "delta": delta})
     grid = InProcessGrid(make_app(), configs)
-    return run_query(grid, spec, timeout=None, level=level)
+    return run_query(grid, spec, timeout=None, level=level, mean_interval=mean_interval)
 
 
 def _print(result, n_nodes: int) -> None:  # type: ignore[no-untyped-def]

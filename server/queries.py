@@ -79,8 +79,14 @@ def query_messages(grid: Grid, spec: QuerySpec) -> list[Message]:
     ]
 
 
-def run_query(grid: Grid, spec: QuerySpec, timeout: float | None = 600.0, level: float = 0.95) -> QueryResult:
-    """Ask every node for `spec`, combine the noisy answers; never raises for a refusing node."""
+def run_query(
+    grid: Grid, spec: QuerySpec, timeout: float | None = 600.0, level: float = 0.95, mean_interval: str = "conservative"
+) -> QueryResult:
+    """Ask every node for `spec`, combine the noisy answers; never raises for a refusing node.
+
+    Intervals: see :func:`core.queries.combine` (exact for count/sum; for mean a conservative
+    union-bound interval by default, or the delta method with ``mean_interval="delta"``).
+    """
     audit = MessageAudit(array_spec={})  # no arrays may come back from a query
     audited = AuditingGrid(grid, audit)
     msgs = query_messages(audited, spec)
@@ -88,6 +94,8 @@ def run_query(grid: Grid, spec: QuerySpec, timeout: float | None = 600.0, level:
     replies = list(audited.send_and_receive(msgs, timeout=timeout))
     answers: list[np.ndarray] = []
     stds: list[float] = []
+    if mean_interval not in ("conservative", "delta"):
+        raise ValueError(f"mean_interval must be 'conservative' or 'delta', got {mean_interval!r}")
     out = QueryResult(spec=spec, estimate=combine(spec, [], []))
     replied: set[int] = set()
     for msg in replies:
@@ -111,7 +119,7 @@ def run_query(grid: Grid, spec: QuerySpec, timeout: float | None = 600.0, level:
     for node_id in sorted(asked - replied):
         out.refused.append((node_id, "reply failed the audit" if node_id in dropped else "no reply"))
     out.violations = list(audit.violations)
-    out.estimate = combine(spec, answers, stds, level)
+    out.estimate = combine(spec, answers, stds, level, mean_interval)
     for node_id, reason in out.refused:
         log.warning("node %s did not answer the query: %s", node_id, reason)
     return out

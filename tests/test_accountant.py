@@ -88,7 +88,7 @@ def test_opacus_engine_accounts_exactly_what_the_ledger_charged():
 def test_calibration_spends_close_to_but_not_over_target():
     rel = release_sigma(0.3, 1e-5)
     assert compute_epsilon([(rel, 1.0, 1)], 1e-5) == pytest.approx(0.3, rel=0.01)
-    history = [(1.0, 0.1, 50)]
+    history = [(2.0, 0.1, 50)]
     sigma = training_sigma(history, 0.1, 100, [Mechanism(rel, 1.0, 1)], 3.0, 1e-5)
     total = compute_epsilon(history + [(sigma, 0.1, 100), (rel, 1.0, 1)], 1e-5)
     assert 2.97 <= total <= 3.0

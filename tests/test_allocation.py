@@ -187,6 +187,14 @@ def test_zero_total_gives_zeros(policy: str, integer: bool) -> None:
     assert out.tolist() == [0, 0, 0]
 
 
+@pytest.mark.parametrize("policy", CONTINUOUS)
+def test_extreme_magnitudes_stay_finite(policy: str) -> None:
+    for d in ([1.0, 5e-324], [1e300, 1e-300, 0.0], [1e308, 1e308]):
+        out = allocate_array(d, [1.0] * len(d), 1e5, policy)
+        assert np.isfinite(out).all() and (out >= 0).all()
+        assert out.sum() == pytest.approx(1e5, rel=1e-9)
+
+
 # ── input errors ─────────────────────────────────────────────────────────────────────────────
 
 
@@ -268,8 +276,9 @@ def test_group_demand_rejected_for_other_policies() -> None:
 
 # ── properties ───────────────────────────────────────────────────────────────────────────────
 
-amounts = st.floats(min_value=0, max_value=1e6, allow_nan=False, allow_infinity=False)
-small = st.floats(min_value=0, max_value=1e3, allow_nan=False, allow_infinity=False)
+# Subnormals excluded: they only test floating-point underflow (covered by a unit test below).
+amounts = st.floats(min_value=0, max_value=1e6, allow_subnormal=False)
+small = st.floats(min_value=0, max_value=1e3, allow_subnormal=False)
 
 
 @st.composite
@@ -339,9 +348,7 @@ def test_property_capped_is_a_common_level(case: dict) -> None:
     tol = 1e-7 * max(case["total"], 1.0)
     pos = d > 0
     free = pos & (out > f + tol) & (out < c - tol)
-    with np.errstate(over="ignore"):
-        cov = np.divide(out, d, out=np.zeros_like(out), where=pos)
-    assume(np.isfinite(cov).all())  # subnormal demand: the allocation is fine, this check is not
+    cov = np.divide(out, d, out=np.zeros_like(out), where=pos)
     if free.any():
         lam = cov[free]
         assert np.allclose(lam, lam[0], rtol=1e-6)
