@@ -88,6 +88,8 @@ def _solve_level(
 
 
 def _level(w: NDArray[np.float64], num: float, den: float) -> NDArray[np.float64]:
+    if num == 0.0:  # λ = 0; avoids inf·0 when w/den overflows for an off-level hospital
+        return np.zeros_like(w)
     with np.errstate(over="ignore"):
         return (w / den) * num
 

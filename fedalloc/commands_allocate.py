@@ -28,7 +28,7 @@ EXIT_BAD_INPUT = 2
 # Core errors name an argument and an index ("floors[3] ..."); map them back to the file's column.
 _ARG_TO_COLUMN = {"demand": "demand", "resources": "resources", "floors": "floor", "caps": "cap",
                   "demand_std": "demand_std"}
-_INDEXED = re.compile(r"^(\w+)\[(\d+)\]")
+_INDEXED = re.compile(r"\b(\w+)\[(\d+)\]")
 
 
 def _fail(message: str) -> NoReturn:
@@ -38,7 +38,7 @@ def _fail(message: str) -> NoReturn:
 
 def _locate(exc: ValueError, data: DemandTable) -> str:
     msg = str(exc)
-    m = _INDEXED.match(msg)
+    m = _INDEXED.search(msg)
     if m and m.group(1) in _ARG_TO_COLUMN and int(m.group(2)) < len(data):
         line = int(data.lines[int(m.group(2))])
         return f"{data.path}: line {line}, column {_ARG_TO_COLUMN[m.group(1)]!r}: {msg}"

