@@ -12,9 +12,9 @@ from client.ledger import BudgetExceeded, Mechanism, compute_epsilon
 SIGMA_MIN, SIGMA_MAX = 0.3, 500.0
 
 
-def _smallest_sigma(eps_of_sigma, target: float, what: str) -> float:
+def _smallest_sigma(eps_of_sigma, target: float, what: str, error: type[Exception] = BudgetExceeded) -> float:
     if eps_of_sigma(SIGMA_MAX) > target:
-        raise BudgetExceeded(f"{what}: even σ={SIGMA_MAX} exceeds the ε target {target:.3f}")
+        raise error(f"{what}: even σ={SIGMA_MAX} exceeds the ε target {target:.3f}")
     if eps_of_sigma(SIGMA_MIN) <= target:
         return SIGMA_MIN
     lo, hi = SIGMA_MIN, SIGMA_MAX
@@ -31,8 +31,9 @@ def _smallest_sigma(eps_of_sigma, target: float, what: str) -> float:
 
 def release_sigma(target_eps: float, delta: float, accountant: str = "rdp") -> float:
     """σ of a single Gaussian release (q = 1, one step) costing at most `target_eps` alone."""
+    # A request too small to calibrate is a configuration problem, not an exhausted budget.
     return _smallest_sigma(
-        lambda s: compute_epsilon([(s, 1.0, 1)], delta, accountant), target_eps, "release"
+        lambda s: compute_epsilon([(s, 1.0, 1)], delta, accountant), target_eps, "release", ValueError
     )
 
 

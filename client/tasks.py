@@ -93,7 +93,8 @@ def train_task(
         lr=run.lr,
         # DP noise must be unpredictable to the coordinator: a seed derived from public values
         # would let it subtract the noise. Only a node operator can pin it (tests, debugging).
-        seed=node.debug_seed if node.debug_seed is not None else secrets.randbits(31),
+        seed=secrets.randbits(31) if node.debug_seed is None
+        else int(np.random.SeedSequence([node.debug_seed, len(ledger.entries)]).generate_state(1)[0] >> 1),
     )
     if abs(used.sample_rate - plan.sample_rate) > 1e-12 or used.steps != plan.steps_per_round:
         # The ledger already holds the planned charge; a mismatch means the accounting is wrong,
@@ -121,7 +122,8 @@ def predict_task(
     rel_sigma = release_sigma(run.epsilon * run.release_share, ledger.delta, ledger.accountant)
     eps = ledger.charge([Mechanism(rel_sigma, 1.0, 1, RELEASE)], run=run_id, purpose="demand release")
     window = series.to_numpy(dtype=np.float64)[-run.lags :]
-    rng = rng or np.random.default_rng(node.debug_seed)
+    # A pinned debug seed is mixed with the ledger length so two releases never share noise.
+    rng = rng or np.random.default_rng(None if node.debug_seed is None else [node.debug_seed, len(ledger.entries)])
     noisy = window + rng.normal(0.0, rel_sigma * sens, size=window.shape)
     first_target = series.index[-1] + (series.index[-1] - series.index[-2])
     model = build_model(run.lags, run.horizon, len(DRG_GROUPS))

@@ -37,6 +37,12 @@ def check_bounds(floors: NDArray[np.float64], caps: NDArray[np.float64], total: 
         raise ValueError(f"infeasible: sum of caps ({high}) is below total ({total})")
 
 
+def _dot(x: NDArray[np.float64], y: NDArray[np.float64] | NDArray[np.bool_]) -> float:
+    # einsum rather than `@`: multithreaded BLAS dot is several times slower for one vector on a
+    # busy 2-core machine, and einsum takes a boolean mask without a float copy.
+    return float(np.einsum("i,i->", x, y))
+
+
 def _solve_level(
     w: NDArray[np.float64], f: NDArray[np.float64], c: NDArray[np.float64], target: float
 ) -> tuple[float, float]:
@@ -50,6 +56,10 @@ def _solve_level(
     with np.errstate(over="ignore"):
         lo = f / w
         hi = c / w
+    # Masked sums are dot products with boolean masks (several times faster than boolean indexing),
+    # which needs finite values since inf·0 is NaN; an uncapped hospital is never "at cap", so
+    # replacing inf by the largest float changes no selected term.
+    c0 = np.minimum(c, np.finfo(np.float64).max)
     a, b = 0.0, np.inf
     const = 0.0  # contribution of hospitals settled at a floor or a cap
     slope = 0.0  # Σ w of hospitals settled on the proportional part inside [a, b]
@@ -57,13 +67,13 @@ def _solve_level(
         at_cap = hi <= a
         at_floor = lo >= b
         linear = (lo <= a) & (hi >= b)
-        const += float(c[at_cap].sum()) + float(f[at_floor].sum())
-        slope += float(w[linear].sum())
-        keep = ~(at_cap | at_floor | linear)
-        if not keep.any():
+        const += _dot(c0, at_cap) + _dot(f, at_floor)
+        slope += _dot(w, linear)
+        keep = np.flatnonzero(~(at_cap | at_floor | linear))
+        if keep.size == 0:
             break
-        if not keep.all():
-            w, f, c, lo, hi = w[keep], f[keep], c[keep], lo[keep], hi[keep]
+        if keep.size < w.size:
+            w, f, c0, lo, hi = (x.take(keep) for x in (w, f, c0, lo, hi))
         # Every remaining hospital has a breakpoint strictly inside (a, b): lo if lo > a, else hi.
         step = max(1, lo.size // _SAMPLE)
         s_lo, s_hi = lo[::step], hi[::step]
@@ -72,7 +82,8 @@ def _solve_level(
         # An actual breakpoint (lower median), so at least one breakpoint leaves the open bracket
         # each round and the loop must terminate.
         pivot = float(np.partition(bp, k)[k])
-        s = const + slope * pivot + float(np.clip(pivot * w, f, c).sum())
+        # Σ clip(pivot·w, f, c) written with the breakpoints, which avoids carrying c with its infs.
+        s = const + slope * pivot + _dot(w, np.clip(pivot, lo, hi))
         if s < target:
             a = pivot
         else:
@@ -106,20 +117,26 @@ def water_fill(
     if top > 0:
         # λ is scale-free; normalising keeps the breakpoints floor/D and cap/D in floating range.
         demand = demand / top
-    pos = demand > 0  # after normalising: a demand that underflows to 0 is treated as none
-    if not pos.any():
+    pos = np.flatnonzero(demand)  # after normalising: demand that underflows to 0 counts as none
+    if pos.size == 0:
         # No demand anywhere: fall back to the equal level, like proportional's equal split.
         ones = np.ones_like(demand)
         return np.clip(_level(ones, *_solve_level(ones, floors, caps, total)), floors, caps)
-    rest = ~pos
-    rest_floor = float(floors[rest].sum())
-    pos_cap = float(caps[pos].sum())
+    if pos.size == demand.size:
+        w, f, c, rest = demand, floors, caps, None
+        rest_floor = 0.0
+    else:
+        w, f, c = demand.take(pos), floors.take(pos), caps.take(pos)
+        rest = np.flatnonzero(demand == 0)
+        rest_floor = float(floors.take(rest).sum())
+    pos_cap = float(c.sum())
     if pos_cap + rest_floor >= total:
-        ratio = _solve_level(demand[pos], floors[pos], caps[pos], total - rest_floor)
+        ratio = _solve_level(w, f, c, total - rest_floor)
         return np.clip(_level(demand, *ratio), floors, caps)
     # Every hospital with demand is capped; spread what is left over the zero-demand hospitals.
-    out = np.where(pos, caps, floors)
-    ones = np.ones(int(rest.sum()))
-    mu = _level(ones, *_solve_level(ones, floors[rest], caps[rest], total - pos_cap))
-    out[rest] = np.clip(mu, floors[rest], caps[rest])
+    assert rest is not None  # pos_cap >= total whenever every hospital has demand
+    out = caps.copy()
+    fr, cr = floors.take(rest), caps.take(rest)
+    ones = np.ones(rest.size)
+    out[rest] = np.clip(_level(ones, *_solve_level(ones, fr, cr, total - pos_cap)), fr, cr)
     return out
