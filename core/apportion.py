@@ -17,18 +17,17 @@ from numpy.typing import ArrayLike, NDArray
 from core.numeric_checks import as_scalar, as_vector
 
 
-def _pick_largest(scores: NDArray[np.float64], k: int) -> NDArray[np.bool_]:
+def _pick_largest(scores: NDArray[np.float64], k: int, all_eligible: bool) -> NDArray[np.bool_]:
     """Mask of the k largest scores (-inf = not eligible); ties broken towards the lower index."""
-    chosen = np.zeros(scores.shape, dtype=bool)
     if k <= 0:
-        return chosen
-    n_eligible = int(np.count_nonzero(scores > -np.inf))
+        return np.zeros(scores.shape, dtype=bool)
+    n_eligible = scores.size if all_eligible else int(np.count_nonzero(scores > -np.inf))
     if k > n_eligible:
         raise ValueError(f"cannot place {k} more unit(s): only {n_eligible} hospital(s) have room")
     pos = scores.size - k
     threshold = np.partition(scores, pos)[pos]
     chosen = scores > threshold
-    need = k - int(chosen.sum())
+    need = k - int(np.count_nonzero(chosen))
     chosen[np.flatnonzero(scores == threshold)[:need]] = True
     return chosen
 
@@ -50,23 +49,32 @@ def largest_remainder(
     q = as_vector("quotas", quotas)
     t = int(as_scalar("total", total, integer=True))
     n = q.size
-    lo = np.zeros(n) if lower is None else as_vector("lower", lower, length=n, length_of="quotas")
-    hi = np.full(n, np.inf) if upper is None else as_vector("upper", upper, length=n, length_of="quotas", allow_inf=True)
+    lo = None if lower is None else as_vector("lower", lower, length=n, length_of="quotas")
+    hi = None if upper is None else as_vector("upper", upper, length=n, length_of="quotas",
+                                              allow_inf=True)
     if n == 0:
         if t:
             raise ValueError(f"cannot apportion {t} unit(s) over zero hospitals")
         return np.zeros(0, dtype=np.int64)
-    base_f = np.clip(np.floor(q), lo, hi)
+    base_f = np.floor(q)
+    if lo is not None:
+        np.maximum(base_f, lo, out=base_f)
+    if hi is not None:
+        np.minimum(base_f, hi, out=base_f)
     base = base_f.astype(np.int64)
-    rem = q - base_f
+    rem = np.subtract(q, base_f, out=base_f)  # base_f is not needed any more
     missing = t - int(base.sum())
     if missing > 0:
-        scores = np.where(base_f < hi, rem, -np.inf)
-        base += _pick_largest(scores, missing)
+        if hi is None:
+            base += _pick_largest(rem, missing, all_eligible=True)
+        else:
+            scores = np.where(base < hi, rem, -np.inf)
+            base += _pick_largest(scores, missing, all_eligible=False)
     elif missing < 0:
         # Only reachable through rounding noise or bounds: take back from the smallest remainders.
-        scores = np.where(base_f > lo, -rem, -np.inf)
-        base -= _pick_largest(scores, -missing)
+        floor_ = 0.0 if lo is None else lo
+        scores = np.where(base > floor_, -rem, -np.inf)
+        base -= _pick_largest(scores, -missing, all_eligible=False)
     return base
 
 

@@ -22,7 +22,17 @@ def _describe(value: float) -> str:
     return f"is negative ({value})"
 
 
-def _first_bad(name: str, arr: NDArray[np.float64], allow_inf: bool) -> None:
+def check_values(name: str, arr: NDArray[np.float64], allow_inf: bool = False) -> None:
+    """Raise ValueError naming the first NaN, infinite (unless allowed) or negative element."""
+    if arr.size == 0:
+        return
+    # Fast path without temporaries: NaN and ±inf propagate into the sum (and NaN into the min),
+    # so a finite sum and a non-negative min prove the array clean. Only on failure (or a
+    # legitimate overflow of the sum) do we pay for the element-wise search.
+    with np.errstate(over="ignore"):
+        total, low = float(arr.sum()), float(arr.min())
+    if low >= 0 and (not math.isnan(total) if allow_inf else math.isfinite(total)):
+        return
     ok = ~np.isnan(arr) if allow_inf else np.isfinite(arr)
     ok &= ~(arr < 0)
     if ok.all():
@@ -33,15 +43,22 @@ def _first_bad(name: str, arr: NDArray[np.float64], allow_inf: bool) -> None:
     raise ValueError(f"{name}[{where}] {_describe(float(arr[idx]))}")
 
 
-def as_array(name: str, values: Any, *, ndim: int = 1, allow_inf: bool = False) -> NDArray[np.float64]:
-    """`values` as a float64 array of `ndim` dimensions, finite (or +inf if allowed) and >= 0."""
+def as_array(
+    name: str, values: Any, *, ndim: int = 1, allow_inf: bool = False, check: bool = True
+) -> NDArray[np.float64]:
+    """`values` as a float64 array of `ndim` dimensions, finite (or +inf if allowed) and >= 0.
+
+    check=False only converts, for callers that can validate more cheaply in a pass they make
+    anyway (then they call check_values on failure).
+    """
     try:
         arr = np.asarray(values, dtype=np.float64)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{name} must be numeric: {exc}") from None
     if arr.ndim != ndim:
         raise ValueError(f"{name} must be {ndim}-dimensional, got shape {arr.shape}")
-    _first_bad(name, arr, allow_inf)
+    if check:
+        check_values(name, arr, allow_inf)
     return arr
 
 

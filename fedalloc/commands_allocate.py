@@ -16,6 +16,7 @@ import pandas as pd
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from core.allocation import POLICIES, allocate
 from core.allocation_io import DemandFileError, DemandTable, read_demand_csv, write_allocation_csv
@@ -63,7 +64,8 @@ def _print_table(console: Console, table: pd.DataFrame, show: int) -> None:
     for col in view.columns:
         out.add_column(str(col), justify="left" if col == "hospital" else "right")
     for row in view.itertuples(index=False):
-        out.add_row(*(_fmt(v) for v in row))
+        # Text, not str: a hospital named "[b]…" must print as written, not as rich markup.
+        out.add_row(*(Text(_fmt(v)) for v in row))
     console.print(out)
     hidden = len(table) - len(view)
     if hidden > 0:
@@ -75,19 +77,21 @@ def allocate_command(
         help="CSV with hospital,demand,resources [,cap,floor,demand_std,demand_<group>…]",
         show_default=False)],
     total: Annotated[float | None, typer.Option(
-        "--total", help="Amount to allocate (for drg_budget: the payment budget, same as --budget).",
-        show_default=False)] = None,
+        "--total", show_default=False,
+        help="Amount to allocate (for drg_budget: the payment budget, same as --budget).")] = None,
     policy: Annotated[Policy, typer.Option("--policy", help="Allocation policy.")] = Policy.seed,
     integer: Annotated[bool, typer.Option(
-        "--integer", help="Whole units (beds, ventilators): largest remainder, sums exactly.")] = False,
+        "--integer", help="Whole units (beds, ventilators): largest remainder, sums exactly.")
+    ] = False,
     quantile: Annotated[float | None, typer.Option(
-        "--quantile", help="Allocate on this normal quantile of demand (needs a demand_std column).",
-        show_default=False)] = None,
+        "--quantile", show_default=False,
+        help="Allocate on this normal quantile of demand (needs a demand_std column).")] = None,
     budget: Annotated[float | None, typer.Option(
         "--budget", help="drg_budget: global payment cap.", show_default=False)] = None,
-    base_rate: Annotated[float, typer.Option("--base-rate", help="drg_budget: payment per unit of relative weight.")] = 1.0,
-    out: Annotated[Path | None, typer.Option("--out", help="Write the allocation table to this CSV.",
-                                             show_default=False)] = None,
+    base_rate: Annotated[float, typer.Option(
+        "--base-rate", help="drg_budget: payment per unit of relative weight.")] = 1.0,
+    out: Annotated[Path | None, typer.Option(
+        "--out", help="Write the allocation table to this CSV.", show_default=False)] = None,
     show: Annotated[int, typer.Option("--show", help="Rows to print (0 = all).")] = 20,
 ) -> None:
     """Allocate a total across hospitals under a policy; print the table and fairness summary."""

@@ -97,6 +97,13 @@ def test_show_limits_printed_rows(tmp_path: Path) -> None:
     assert "25 more rows" in res.stdout
 
 
+def test_hospital_names_are_not_markup(tmp_path: Path) -> None:
+    src = _write(tmp_path, "hospital,demand,resources\n[bold]St Mary[/bold],1,1\nB,1,1\n")
+    res = _run(src, "--total", "2", "--policy", "proportional")
+    assert res.exit_code == 0, res.output
+    assert "[bold]St Mary[/bold]" in res.stdout
+
+
 BAD_FILES = [
     ("hospital,demand,resources\nA,1,1\nB,abc,1\n", 3, "demand", "not a number ('abc')"),
     ("hospital,demand,resources\nA,1,1\nB,-4,1\n", 3, "demand", "must be >= 0 ('-4')"),
