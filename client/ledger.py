@@ -12,6 +12,7 @@ for is done or sent, so a crash can waste budget but never under-record it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import fcntl
 import json
 import os
@@ -54,6 +55,13 @@ def compute_epsilon(
     """ε after composing every (σ, q, steps) in `history`, via Opacus's accountant."""
     if not history:
         return 0.0
+    key = tuple((float(s), float(q), int(n)) for s, q, n in history)
+    return _epsilon_cached(key, float(delta), accountant)
+
+
+@functools.lru_cache(maxsize=4096)
+def _epsilon_cached(history: tuple[tuple[float, float, int], ...], delta: float, accountant: str) -> float:
+    # Calibration evaluates the same histories many times; the accountant is pure, so cache it.
     from opacus.accountants import PRVAccountant, RDPAccountant
 
     if accountant == "rdp":

@@ -29,12 +29,16 @@ def simulate_command(
     out: Path = typer.Option(Path("results"), "--out", help="Results directory."),
     name: Optional[str] = typer.Option(None, help="Run name (default: timestamp)."),
     seed: int = typer.Option(0, help="Seed of the synthetic hospitals and the initial model."),
+    resume: bool = typer.Option(False, "--resume", help="Continue run --name from its last checkpoint (keeps its nodes and ledgers)."),
 ) -> None:
     """Run a whole federation locally: DP training, D_i release, allocation."""
     from simulations.driver import simulate
 
     if data is not None and not data.is_dir():
         console.print(f"[red]--data {data}: not a directory[/red]")
+        raise typer.Exit(2)
+    if resume and not name:
+        console.print("[red]--resume needs --name of the run to continue[/red]")
         raise typer.Exit(2)
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} rounds"),
                   TimeElapsedColumn(), console=console) as progress:
@@ -49,7 +53,7 @@ def simulate_command(
 
         outcome = simulate(
             hospitals=hospitals, rounds=rounds, epsilon=epsilon, data_dir=data, resources=resources,
-            engine=engine, results_dir=str(out), run_name=name, seed=seed, on_round=on_round,
+            engine=engine, results_dir=str(out), run_name=name, seed=seed, on_round=on_round, resume=resume,
             overrides={"total": total, "policy": policy, "strategy": strategy, "start": start, "cutoff": cutoff},
         )
     if outcome.error:

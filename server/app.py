@@ -14,6 +14,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+import numpy as np
 import pandas as pd
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
@@ -88,13 +89,20 @@ def run_federation(
         arrays = load_arrays(ckpt)
         state = _read_state(out.path)
         done = int(state.get("rounds_done", 0))
-        strategy.rounds = state.get("rounds", [])  # type: ignore[attr-defined]
+        strategy.rounds = state.get("rounds", [])[:done]  # type: ignore[attr-defined]
         log.info("resuming %s after round %d", name, done)
+    restored = len(strategy.rounds)  # type: ignore[attr-defined]
+
+    def absolute_rounds() -> None:
+        # The strategy counts the resumed part from 1; records carry the run's absolute round.
+        for i, rec in enumerate(strategy.rounds[restored:]):  # type: ignore[attr-defined]
+            rec["round"] = done + i + 1
 
     def after_round(server_round: int, current: ArrayRecord) -> MetricRecord | None:
         if server_round == 0:
             return None
         absolute = server_round + done
+        absolute_rounds()
         save_arrays(ckpt, current)
         write_json(out.path / "state.json", {"rounds_done": absolute, "rounds": strategy.rounds})  # type: ignore[attr-defined]
         if on_round:
@@ -119,6 +127,9 @@ def run_federation(
     except (RoundFailed, ValueError) as exc:
         out.error = str(exc)
         log.error("run %s failed: %s", name, exc)
+    # Anything else (a crashing callback, KeyboardInterrupt, a dying coordinator) propagates: the
+    # checkpoint of the last finished round is on disk and `resume=True` continues from it.
+    absolute_rounds()
     out.rounds = strategy.rounds  # type: ignore[attr-defined]
     out.violations = audit.violations
     _write(out, run, time.monotonic() - t0, len(nodes), audit.seen)

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from flwr.app import ArrayRecord
+from flwr.app import Array, ArrayRecord
 
 
 def run_dir(results_dir: str, run_name: str) -> Path:
@@ -24,8 +24,9 @@ def save_arrays(path: Path, arrays: ArrayRecord) -> None:
 
 
 def load_arrays(path: Path) -> ArrayRecord:
+    # Flower 1.42's ArrayRecord takes Array objects, not plain ndarrays; keep the saved key order.
     with np.load(path) as data:
-        return ArrayRecord({k: data[k] for k in data.files})
+        return ArrayRecord({k: Array(np.ascontiguousarray(data[k])) for k in data.files})
 
 
 def write_json(path: Path, obj: Any) -> None:

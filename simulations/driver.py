@@ -118,15 +118,23 @@ def simulate(
     on_round: Callable[[int, int, dict[str, Any]], None] | None = None,
     client_app: Any = None,
     drop: Callable[[int, str], bool] | None = None,
+    resume: bool = False,
 ) -> Any:
-    """Run one federation end to end and return the coordinator's RunOutcome."""
+    """Run one federation end to end and return the coordinator's RunOutcome.
+
+    `resume=True` continues the named run from its coordinator checkpoint: the nodes keep their
+    files and ledgers under `<run>/nodes/` (and, in process, the same run id), so their σ plan and
+    ε accounting carry on where the crashed coordinator left them.
+    """
     from client.app import make_app as make_client_app
     from server.app import make_app as make_server_app, run_federation
 
     _quiet_logs()
+    if resume and not run_name:
+        raise ValueError("resume needs the name of the run to continue")
     name = run_name or datetime.now().strftime("sim-%Y%m%d-%H%M%S")
     run_path = Path(results_dir).expanduser().resolve() / name
-    if (run_path / "nodes").exists():
+    if (run_path / "nodes").exists() and not resume:
         shutil.rmtree(run_path / "nodes")  # a re-used run name starts from fresh synthetic nodes
     nodes = prepare_nodes(run_path, hospitals=hospitals, seed=seed, budget=budget or epsilon,
                           data_dir=data_dir, resources=resources)
@@ -144,14 +152,14 @@ def simulate(
         from simulations.inprocess import InProcessGrid
 
         grid = InProcessGrid(client_app or make_client_app(), nodes.node_configs, drop=drop)
-        outcome = run_federation(grid, run, on_round=on_round)
+        outcome = run_federation(grid, run, on_round=on_round, resume=resume)
     elif engine == "ray":
         from flwr.simulation import run_simulation
 
         results: list[Any] = []
         sim_nodes = dict(enumerate(nodes.node_configs))
         run_simulation(
-            server_app=make_server_app(settings, on_round=on_round, outcome=results),
+            server_app=make_server_app(settings, on_round=on_round, outcome=results, resume=resume),
             client_app=client_app or make_client_app(sim_nodes),
             num_supernodes=len(nodes.node_configs),
             backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": min(os.cpu_count() or 2, 2), "logging_level": "ERROR", "log_to_driver": False}},
