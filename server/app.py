@@ -68,6 +68,22 @@ def predict_round(grid: Grid, arrays: ArrayRecord, config: ConfigRecord, timeout
     return list(grid.send_and_receive(msgs, timeout=timeout))
 
 
+def wait_for_nodes(grid: Grid, minimum: int, timeout: float, poll: float = 1.0) -> list[int]:
+    """Connected node ids once at least `minimum` are there; RoundFailed after `timeout` s.
+
+    Flower's own sampling waits forever for `min_available_nodes`; a coordinator should say
+    that the federation never assembled instead.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = list(grid.get_node_ids())
+        if len(nodes) >= minimum:
+            return nodes
+        if time.monotonic() >= deadline:
+            raise RoundFailed(f"only {len(nodes)} of the required {minimum} nodes connected within {timeout:.0f} s")
+        time.sleep(poll)
+
+
 def run_federation(
     grid: Grid,
     run: RunSettings,
@@ -81,8 +97,7 @@ def run_federation(
     arrays = ArrayRecord(model.state_dict())
     audit = MessageAudit.for_arrays(arrays)
     grid = AuditingGrid(grid, audit)
-    nodes = list(grid.get_node_ids())
-    strategy = make_strategy(run, len(nodes))
+    strategy = make_strategy(run)
     ckpt = out.path / "checkpoint.npz"
     done = 0
     if resume and ckpt.exists():
@@ -111,7 +126,9 @@ def run_federation(
 
     train_config = ConfigRecord({**run.as_config(), "round-offset": done})
     t0 = time.monotonic()
+    nodes: list[int] = []
     try:
+        nodes = wait_for_nodes(grid, run.min_nodes, run.round_timeout)
         if done < run.num_server_rounds:
             result = strategy.start(
                 grid=grid,
@@ -132,7 +149,8 @@ def run_federation(
     absolute_rounds()
     out.rounds = strategy.rounds  # type: ignore[attr-defined]
     out.violations = audit.violations
-    _write(out, run, time.monotonic() - t0, len(nodes), audit.seen)
+    # Nodes may join after the run starts; count those connected at the end.
+    _write(out, run, time.monotonic() - t0, max(len(nodes), len(list(grid.get_node_ids()))), audit.seen)
     return out
 
 

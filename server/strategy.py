@@ -81,7 +81,7 @@ class GuardedKrum(RoundGuard, Krum):
     pass
 
 
-def make_strategy(run: RunSettings, num_nodes: int) -> Strategy:
+def make_strategy(run: RunSettings) -> Strategy:
     common = dict(
         fraction_train=run.fraction_train,
         fraction_evaluate=0.0,

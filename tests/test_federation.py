@@ -135,3 +135,10 @@ def test_dropouts_still_complete_and_are_reported(sim_data, tmp_path, run_settin
     assert len(out.rounds) == 3
     rounds = pd.read_csv(out.path / "rounds.csv")
     assert rounds.missing_nodes.notna().any()
+
+
+def test_federation_that_never_assembles_fails_clearly(node_configs, run_settings):
+    grid = InProcessGrid(make_app(), node_configs[:1])
+    out = run_federation(grid, run_settings(**{"min-nodes": 2, "round-timeout": 1.0}))
+    assert out.error is not None and "only 1 of the required 2 nodes" in out.error
+    assert json.loads((out.path / "metrics.json").read_text())["status"] == "failed"
