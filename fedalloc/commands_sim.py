@@ -32,7 +32,7 @@ def simulate_command(
     resume: bool = typer.Option(False, "--resume", help="Continue run --name from its last checkpoint (keeps its nodes and ledgers)."),
 ) -> None:
     """Run a whole federation locally: DP training, D_i release, allocation."""
-    from simulations.driver import simulate
+    from simulations.driver import InvalidNodeFiles, simulate
 
     if data is not None and not data.is_dir():
         console.print(f"[red]--data {data}: not a directory[/red]")
@@ -51,11 +51,17 @@ def simulate_command(
                 + (f", {rec['failed']} failed" if rec["failed"] else "")
                 + (f", ε≈{eps:.2f}" if eps is not None else "")))
 
-        outcome = simulate(
-            hospitals=hospitals, rounds=rounds, epsilon=epsilon, data_dir=data, resources=resources,
-            engine=engine, results_dir=str(out), run_name=name, seed=seed, on_round=on_round, resume=resume,
-            overrides={"total": total, "policy": policy, "strategy": strategy, "start": start, "cutoff": cutoff},
-        )
+        try:
+            outcome = simulate(
+                hospitals=hospitals, rounds=rounds, epsilon=epsilon, data_dir=data, resources=resources,
+                engine=engine, results_dir=str(out), run_name=name, seed=seed, on_round=on_round, resume=resume,
+                overrides={"total": total, "policy": policy, "strategy": strategy, "start": start, "cutoff": cutoff},
+            )
+        except InvalidNodeFiles as exc:
+            progress.stop()
+            console.print("[red]invalid node files, nothing was run:[/red]")
+            console.print(str(exc), markup=False, highlight=False)
+            raise typer.Exit(2)
     if outcome.error:
         console.print(f"[red]run failed: {outcome.error}[/red]")
         console.print(f"details in {outcome.path}/metrics.json")

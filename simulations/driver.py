@@ -53,6 +53,24 @@ def record_files(data_dir: Path) -> list[Path]:
     return files
 
 
+def check_records(files: list[Path]) -> None:
+    """The researcher owns every file here, so report all problems before any node starts."""
+    from core.records import RecordsError
+
+    problems: list[str] = []
+    for f in files:
+        try:
+            load_records(f)
+        except RecordsError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise InvalidNodeFiles("\n".join(problems))
+
+
+class InvalidNodeFiles(ValueError):
+    pass
+
+
 def _stem(p: Path) -> str:
     return p.name.split(".")[0]
 
@@ -76,6 +94,7 @@ def prepare_nodes(
         files = [data_dir / f"{h}.csv" for h in table.hospital]
     else:
         files = record_files(Path(data_dir))
+        check_records(files)
     configs = []
     for f in files:
         cfg: dict[str, Any] = {

@@ -1,0 +1,38 @@
+"""`fedalloc simulate --data DIR` on a user's own node files."""
+
+from __future__ import annotations
+
+import shutil
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from fedalloc.cli import app
+
+
+def test_simulate_on_user_files(sim_data, tmp_path):
+    res = CliRunner().invoke(app, [
+        "simulate", "--data", str(sim_data), "--resources", str(sim_data / "hospitals.csv"), "--engine", "inprocess",
+        "--rounds", "1", "--total", "120", "--out", str(tmp_path), "--name", "mine"])
+    assert res.exit_code == 0, res.output
+    assert "results in" in res.output
+    alloc = pd.read_csv(tmp_path / "mine" / "allocations.csv")
+    assert sorted(alloc.hospital) == [f"hospital_{i:03d}" for i in range(4)]
+    assert alloc.allocation.sum() == pytest.approx(120)
+    fc = pd.read_csv(tmp_path / "mine" / "forecasts.csv")
+    assert (fc.true_demand > 0).all()
+
+
+def test_bad_node_file_is_named_and_nothing_runs(sim_data, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(sim_data, data)
+    bad = data / "hospital_002.csv"
+    lines = bad.read_text().splitlines()
+    lines[4] = lines[4].replace(lines[4].split(",")[2], "2024-13-45")  # admit_date of CSV line 5
+    bad.write_text("\n".join(lines) + "\n")
+    res = CliRunner().invoke(app, ["simulate", "--data", str(data), "--engine", "inprocess", "--rounds", "1",
+                                   "--out", str(tmp_path / "out"), "--name", "bad"])
+    assert res.exit_code == 2
+    assert "hospital_002.csv" in res.output and "row 5" in res.output and "admit_date" in res.output
+    assert not (tmp_path / "out" / "bad" / "rounds.csv").exists()
