@@ -12,6 +12,7 @@ from fedalloc.commands_allocate import allocate_command
 from fedalloc.commands_data import generate_command, validate_command
 from fedalloc.commands_query import query_command
 from fedalloc.commands_sim import ledger_app, simulate_command
+from fedalloc.commands_sweep import sweep_command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
@@ -20,6 +21,7 @@ app.command("validate")(validate_command)
 app.command("generate")(generate_command)
 app.command("simulate")(simulate_command)
 app.command("query")(query_command)
+app.command("sweep")(sweep_command)
 app.add_typer(ledger_app, name="ledger")
 
 

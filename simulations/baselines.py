@@ -1,0 +1,403 @@
+"""Baselines for the federated DP forecaster, on the same hospitals and the same held-out horizon.
+
+Every method forecasts D_i, the total demand of hospital i over the `horizon` periods starting at
+the public cutoff, from the series over [start, cutoff). The researcher owns every node's records
+here, so the true D_i is known and each forecast can be scored, per hospital and overall, and fed
+to the allocation core to measure how much of A_total a forecast error moves to the wrong hospital.
+
+Methods (name → what it does):
+
+- ``seasonal_naive``: the same `horizon` weeks one year (52 weeks) earlier.
+- ``last_value``: the last observed week × horizon.
+- ``centralised``: one forecaster trained without DP on the pooled windows of all hospitals.
+- ``local``: each hospital trains alone, no DP.
+- ``local_dp``: each hospital trains alone with DP-SGD at the run's ε, calibrated exactly like a
+  federation node (client.calibration: same σ search, same release share, same accountant), and
+  releases D_i through the same Gaussian mechanism on its input window.
+- ``federated``: FedAvg over the same nodes without DP (train_dp with noise_multiplier=None).
+- ``federated_dp``: the real system, `simulations.driver.simulate(engine="inprocess")`.
+
+All model-based methods use the same model, the same initial weights (seed = run seed), and the same
+total number of local epochs (rounds × local-epochs), so the only differences are pooling, federation
+and privacy.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from core.allocation import allocate_array
+from core.drg import DRG_GROUPS
+from core.fairness import allocation_error, fairness_summary
+from core.records import load_records
+from core.run_config import RunSettings
+from core.series import cell_sensitivity, demand_series
+
+POLICIES = ("seed", "proportional", "need_gap")
+NON_PRIVATE = ("seasonal_naive", "last_value", "centralised", "local", "federated")
+PRIVATE = ("local_dp", "federated_dp")
+METHODS = NON_PRIVATE + PRIVATE
+SEASON_WEEKS = 52
+BIG = 1e300  # stand-in for an infinite forecast in the allocation core
+
+
+@dataclass
+class Hospitals:
+    """Everything the researcher knows: per-hospital training series, truth and resources."""
+
+    names: list[str]
+    series: list[pd.DataFrame]  # (periods before cutoff) × groups
+    truth: np.ndarray  # true D_i over the horizon
+    resources: np.ndarray
+    node_configs: list[dict[str, Any]] = field(default_factory=list)
+    data_dir: Path | None = None
+    resources_file: Path | None = None
+
+
+def run_settings(**overrides: Any) -> RunSettings:
+    return RunSettings.from_mapping(overrides)
+
+
+def load_hospitals(data_dir: Path, run: RunSettings, resources_file: Path | None = None) -> Hospitals:
+    """Series (start..cutoff) and true horizon demand of every hospital file in `data_dir`."""
+    from simulations.driver import record_files, true_demand
+
+    data_dir = Path(data_dir)
+    files = record_files(data_dir)
+    names = [f.name.split(".")[0] for f in files]
+    configs = [{"data-path": str(f), "hospital": n} for f, n in zip(files, names)]
+    series = [
+        demand_series(load_records(f), start=run.start, end=run.cutoff, period=run.period, measure=run.measure,
+                      los_cap=run.los_cap, groups=DRG_GROUPS)
+        for f in files
+    ]
+    truth = true_demand(configs, run).set_index("hospital").loc[names, "true_demand"].to_numpy(dtype=float)
+    resources_file = Path(resources_file) if resources_file else data_dir / "hospitals.csv"
+    if resources_file.exists():
+        table = pd.read_csv(resources_file).set_index("hospital")
+        resources = table.loc[names, "resources"].to_numpy(dtype=float)
+    else:
+        resources_file = None
+        resources = np.ones(len(names))
+    return Hospitals(names, series, truth, resources, configs, data_dir, resources_file)
+
+
+def synthetic_hospitals(out_dir: Path, hospitals: int, seed: int, run: RunSettings) -> Hospitals:
+    from simulations.synthetic import SyntheticConfig, generate
+
+    out_dir = Path(out_dir)
+    if not (out_dir / "hospitals.csv").exists():
+        generate(SyntheticConfig(hospitals=hospitals, seed=seed), out_dir)
+    return load_hospitals(out_dir, run)
+
+
+# ---------------------------------------------------------------- naive forecasts
+
+
+def seasonal_naive(series: pd.DataFrame | np.ndarray, horizon: int, season: int = SEASON_WEEKS) -> float:
+    """Σ of the `horizon` periods exactly one season before the forecast horizon.
+
+    The horizon starts right after the series' last row (index n), so last year's same weeks are
+    rows n − season … n − season + horizon − 1.
+    """
+    values = np.asarray(series, dtype=float)
+    n = values.shape[0]
+    if n < season:
+        raise ValueError(f"seasonal naive needs ≥ {season} periods, the series has {n}")
+    return float(values[n - season : n - season + horizon].sum())
+
+
+def last_value(series: pd.DataFrame | np.ndarray, horizon: int) -> float:
+    values = np.asarray(series, dtype=float)
+    return float(values[-1].sum() * horizon)
+
+
+# ---------------------------------------------------------------- model-based forecasts
+
+
+def _examples(h: Hospitals, run: RunSettings) -> list[Any]:
+    from client.features import training_examples
+
+    return [training_examples(s, run.lags, run.horizon, run.window_stride) for s in h.series]
+
+
+def _pool(examples: Sequence[Any]) -> Any:
+    from client.features import Examples
+
+    return Examples(
+        x_log=np.concatenate([e.x_log for e in examples]),
+        group=np.concatenate([e.group for e in examples]),
+        season=np.concatenate([e.season for e in examples]),
+        y_log=np.concatenate([e.y_log for e in examples]),
+    )
+
+
+def _new_model(run: RunSettings) -> Any:
+    from client.model import build_model
+
+    return build_model(run.lags, run.horizon, len(DRG_GROUPS), seed=run.seed)
+
+
+def forecast_total(model: Any, series: pd.DataFrame, run: RunSettings, noise_std: float = 0.0,
+                   rng: np.random.Generator | None = None) -> float:
+    """D_i from the last `lags` periods (optionally Gaussian-noised, as a node releases it)."""
+    from client.dp_training import predict_counts
+    from client.features import forecast_inputs
+
+    window = series.to_numpy(dtype=np.float64)[-run.lags:]
+    if noise_std > 0:
+        window = window + (rng or np.random.default_rng()).normal(0.0, noise_std, size=window.shape)
+    first_target = series.index[-1] + (series.index[-1] - series.index[-2])
+    with np.errstate(over="ignore"):  # a diverged model forecasts inf; score() reports it
+        return float(predict_counts(model, *forecast_inputs(window, first_target)).sum())
+
+
+def _train(model: Any, ex: Any, run: RunSettings, epochs: int, seed: int, sigma: float | None = None) -> Any:
+    from client.dp_training import train_dp
+
+    return train_dp(model, ex, noise_multiplier=sigma, max_grad_norm=run.clip_norm, batch_size=run.batch_size,
+                    epochs=epochs, lr=run.lr, seed=seed)
+
+
+def centralised(h: Hospitals, run: RunSettings) -> np.ndarray:
+    model = _new_model(run)
+    _train(model, _pool(_examples(h, run)), run, run.num_server_rounds * run.local_epochs, run.seed)
+    return np.array([forecast_total(model, s, run) for s in h.series])
+
+
+def local(h: Hospitals, run: RunSettings) -> np.ndarray:
+    out = []
+    for i, (s, ex) in enumerate(zip(h.series, _examples(h, run))):
+        model = _new_model(run)
+        _train(model, ex, run, run.num_server_rounds * run.local_epochs, run.seed * 1000 + i)
+        out.append(forecast_total(model, s, run))
+    return np.array(out)
+
+
+@dataclass(frozen=True)
+class LocalDPPlan:
+    train_sigma: float
+    release_sigma: float
+    sample_rate: float
+    steps: int
+    epsilon: float  # what the whole plan spends (training + release), by the ledger's accountant
+
+
+def local_dp_plan(n_examples: int, run: RunSettings, delta: float = 1e-5, accountant: str = "rdp") -> LocalDPPlan:
+    """The same calibration a federation node makes for a fresh ledger (client.tasks.noise_plan)."""
+    return _local_dp_plan(n_examples, run.batch_size, run.local_epochs, run.num_server_rounds, run.epsilon,
+                          run.release_share, delta, accountant)
+
+
+@lru_cache(maxsize=64)
+def _local_dp_plan(n_examples: int, batch_size: int, local_epochs: int, rounds: int, epsilon: float,
+                   release_share: float, delta: float, accountant: str) -> LocalDPPlan:
+    # Cached: the σ search runs the accountant dozens of times, and hospitals with the same
+    # (public) number of windows get the same plan.
+    from client.calibration import release_sigma, training_sigma
+    from client.dp_training import plan_steps
+    from client.ledger import Mechanism, compute_epsilon
+
+    plan = plan_steps(n_examples, batch_size, local_epochs)
+    rel = release_sigma(epsilon * release_share, delta, accountant)
+    steps = plan.steps * rounds
+    sigma = training_sigma([], plan.sample_rate, steps, [Mechanism(rel, 1.0, 1, "gaussian-release")],
+                           epsilon, delta, accountant)
+    eps = compute_epsilon([(sigma, plan.sample_rate, steps), (rel, 1.0, 1)], delta, accountant)
+    return LocalDPPlan(sigma, rel, plan.sample_rate, steps, eps)
+
+
+def local_dp(h: Hospitals, run: RunSettings) -> tuple[np.ndarray, np.ndarray]:
+    """Each hospital alone under DP at run.epsilon; returns (D_i released, ε spent per node)."""
+    if math.isinf(run.epsilon):
+        return local(h, run), np.full(len(h.names), math.inf)
+    sens = cell_sensitivity(run.measure, run.los_cap)
+    preds, eps = [], []
+    for i, (s, ex) in enumerate(zip(h.series, _examples(h, run))):
+        plan = local_dp_plan(len(ex), run)
+        model = _new_model(run)
+        used = _train(model, ex, run, run.num_server_rounds * run.local_epochs, run.seed * 1000 + i, plan.train_sigma)
+        if used.steps != plan.steps:
+            raise RuntimeError(f"local DP: Opacus ran {used.steps} steps, planned {plan.steps}")
+        rng = np.random.default_rng([run.seed, i, 7])
+        preds.append(forecast_total(model, s, run, plan.release_sigma * sens, rng))
+        eps.append(plan.epsilon)
+    return np.array(preds), np.array(eps)
+
+
+def federated(h: Hospitals, run: RunSettings,
+              on_round: Callable[[int, np.ndarray], None] | None = None) -> np.ndarray:
+    """Plain FedAvg without DP: each round every node trains local-epochs from the global model,
+    the coordinator averages the weights (weighted by number of examples, as Flower's FedAvg)."""
+    import torch
+
+    examples = _examples(h, run)
+    weights = np.array([len(e) for e in examples], dtype=float)
+    weights = weights / weights.sum()
+    global_model = _new_model(run)
+    for r in range(1, run.num_server_rounds + 1):
+        states = []
+        for i, ex in enumerate(examples):
+            model = _new_model(run)
+            model.load_state_dict(global_model.state_dict())
+            _train(model, ex, run, run.local_epochs, run.seed * 100003 + r * 1000 + i)
+            states.append(model.state_dict())
+        avg = {k: sum(float(w) * st[k].to(torch.float64) for w, st in zip(weights, states)).to(states[0][k].dtype)
+               for k in states[0]}
+        global_model.load_state_dict(avg)
+        if on_round:
+            on_round(r, np.array([forecast_total(global_model, s, run) for s in h.series]))
+    return np.array([forecast_total(global_model, s, run) for s in h.series])
+
+
+def federated_dp(h: Hospitals, run: RunSettings, results_dir: Path, run_name: str,
+                 on_round: Callable[[int, int, dict[str, Any]], None] | None = None) -> tuple[np.ndarray, np.ndarray, Any]:
+    """The real federation (in-process Flower grid, per-node ledgers); (D_i, ε per node, outcome)."""
+    from simulations.driver import simulate
+
+    if math.isinf(run.epsilon):
+        raise ValueError("federated_dp needs a finite ε; ε = inf is the non-private `federated` baseline")
+    keys = ("local-epochs", "batch-size", "lr", "clip-norm", "release-share", "lags", "horizon", "start", "cutoff",
+            "period", "measure", "los-cap", "stride")
+    overrides = {k: run.as_config()[k] for k in keys}
+    outcome = simulate(hospitals=len(h.names), rounds=run.num_server_rounds, epsilon=run.epsilon,
+                       data_dir=h.data_dir, resources=h.resources_file, engine="inprocess",
+                       results_dir=str(results_dir), run_name=run_name, seed=run.seed, overrides=overrides,
+                       on_round=on_round)
+    if outcome.error or outcome.allocations is None:
+        raise RuntimeError(f"federated DP run failed: {outcome.error}")
+    table = outcome.allocations.set_index("hospital")
+    preds = table.loc[h.names, "demand"].to_numpy(dtype=float)
+    eps = np.array([outcome.epsilon.get(n, math.nan) for n in h.names], dtype=float)
+    return preds, eps, outcome
+
+
+# ---------------------------------------------------------------- scoring
+
+
+def smape(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
+    """Symmetric APE per hospital in percent (0 when both are 0)."""
+    pred, true = np.asarray(pred, float), np.asarray(true, float)
+    den = np.abs(pred) + np.abs(true)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = np.where(den > 0, 200.0 * np.abs(pred - true) / den, 0.0)
+    # a diverged (infinite) forecast of a finite truth is the worst case, 200 %; NaN stays NaN
+    return np.where(np.isinf(pred) & np.isfinite(true), 200.0, out)
+
+
+def _rmse(err: np.ndarray) -> float:
+    """RMSE without overflow for huge (diverged but finite) errors: scale by the largest first."""
+    top = float(np.max(np.abs(err))) if len(err) else 0.0
+    if top == 0.0 or not math.isfinite(top):
+        return top
+    return top * float(np.sqrt(np.mean((err / top) ** 2)))
+
+
+def score(pred: np.ndarray, h: Hospitals, total: float = 1000.0,
+          policies: Sequence[str] = POLICIES) -> tuple[dict[str, float], pd.DataFrame]:
+    """(overall metrics, per-hospital frame) of D_i forecasts `pred` against the truth."""
+    pred = np.asarray(pred, dtype=float)
+    true = h.truth
+    err = pred - true
+    per = pd.DataFrame({"hospital": h.names, "true_demand": true, "pred_demand": pred, "abs_error": np.abs(err),
+                        "smape": smape(pred, true), "resources": h.resources})
+    overall: dict[str, float] = {
+        "mae": float(np.mean(np.abs(err))),
+        "rmse": _rmse(err),
+        "smape": float(np.mean(per.smape)),
+    }
+    overall["nonfinite"] = float(np.sum(~np.isfinite(pred)))  # diverged forecasts (inf/NaN)
+    # The allocation core rejects negative and non-finite demand: a forecast < 0 means 0, and a
+    # diverged one (inf) is allocated as a huge finite demand, so it still takes (almost) everything.
+    safe = np.minimum(np.nan_to_num(np.clip(pred, 0, None), nan=0.0, posinf=BIG), BIG)
+    for policy in policies:
+        a_true = allocate_array(true, h.resources, total, policy)
+        a_pred = allocate_array(safe, h.resources, total, policy)
+        per[f"alloc_true_{policy}"] = a_true
+        per[f"alloc_pred_{policy}"] = a_pred
+        overall[f"alloc_error_{policy}"] = allocation_error(a_pred, a_true, total)
+        ft, fp = fairness_summary(a_true, true), fairness_summary(a_pred, true)
+        overall[f"gini_true_{policy}"] = ft["gini"]
+        overall[f"gini_pred_{policy}"] = fp["gini"]
+        overall[f"jain_true_{policy}"] = ft["jain"]
+        overall[f"jain_pred_{policy}"] = fp["jain"]
+    return overall, per
+
+
+@dataclass
+class MethodResult:
+    method: str
+    epsilon: float  # the run's ε target (inf for non-private methods)
+    pred: np.ndarray
+    eps_spent: np.ndarray  # per node (inf: non-private)
+    overall: dict[str, float] = field(default_factory=dict)
+    per_hospital: pd.DataFrame | None = None
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+
+
+def evaluate(method: str, pred: np.ndarray, eps_spent: np.ndarray, epsilon: float, h: Hospitals,
+             total: float, rounds: list[dict[str, Any]] | None = None) -> MethodResult:
+    overall, per = score(pred, h, total)
+    per.insert(1, "epsilon_spent", eps_spent)
+    overall["epsilon_spent_max"] = float(np.max(eps_spent)) if len(eps_spent) else math.nan
+    return MethodResult(method, epsilon, np.asarray(pred), np.asarray(eps_spent), overall, per, rounds or [])
+
+
+def run_non_private(h: Hospitals, run: RunSettings,
+                    methods: Sequence[str] = NON_PRIVATE) -> list[MethodResult]:
+    """The baselines that do not depend on ε (computed once per seed)."""
+    inf = np.full(len(h.names), math.inf)
+    out = []
+    for m in methods:
+        rounds: list[dict[str, Any]] = []
+        if m == "seasonal_naive":
+            pred = np.array([seasonal_naive(s, run.horizon) for s in h.series])
+        elif m == "last_value":
+            pred = np.array([last_value(s, run.horizon) for s in h.series])
+        elif m == "centralised":
+            pred = centralised(h, run)
+        elif m == "local":
+            pred = local(h, run)
+        elif m == "federated":
+            def cb(r: int, p: np.ndarray) -> None:
+                rounds.append({"round": r, "mae": float(np.mean(np.abs(p - h.truth)))})
+            pred = federated(h, run, on_round=cb)
+        else:
+            raise ValueError(f"unknown non-private method {m!r}; known: {', '.join(NON_PRIVATE)}")
+        out.append(evaluate(m, pred, inf, math.inf, h, run.total, rounds))
+    return out
+
+
+def run_private(h: Hospitals, run: RunSettings, results_dir: Path, run_name: str,
+                methods: Sequence[str] = PRIVATE,
+                on_round: Callable[[int, int, dict[str, Any]], None] | None = None) -> list[MethodResult]:
+    """local_dp and federated_dp at run.epsilon (at ε = inf they are local and federated)."""
+    out = []
+    for m in methods:
+        if m == "local_dp":
+            pred, eps = local_dp(h, run)
+            out.append(evaluate(m, pred, eps, run.epsilon, h, run.total))
+        elif m == "federated_dp":
+            if math.isinf(run.epsilon):
+                rounds: list[dict[str, Any]] = []
+                pred = federated(h, run, on_round=lambda r, p: rounds.append(
+                    {"round": r, "mae": float(np.mean(np.abs(p - h.truth)))}))
+                out.append(evaluate(m, pred, np.full(len(h.names), math.inf), run.epsilon, h, run.total, rounds))
+            else:
+                pred, eps, outcome = federated_dp(h, run, results_dir, run_name, on_round=on_round)
+                out.append(evaluate(m, pred, eps, run.epsilon, h, run.total, list(outcome.rounds)))
+        else:
+            raise ValueError(f"unknown private method {m!r}; known: {', '.join(PRIVATE)}")
+    return out
+
+
+def summary_table(results: Sequence[MethodResult]) -> pd.DataFrame:
+    rows = [{"method": r.method, "epsilon": r.epsilon, **r.overall} for r in results]
+    return pd.DataFrame(rows)
