@@ -16,7 +16,7 @@ import torch
 
 from client.calibration import release_sigma, training_sigma
 from client.dp_training import plan_steps, predict_counts, train_dp
-from client.features import forecast_inputs, training_examples
+from client.features import forecast_inputs, release_window, training_examples
 from client.ledger import Ledger, Mechanism
 from client.model import build_model
 from client.node import NodeSettings, series_for
@@ -73,7 +73,7 @@ def train_task(
     global_state: dict[str, torch.Tensor], run: RunSettings, node: NodeSettings, run_id: str, server_round: int
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     series = series_for(node, run)
-    ex = training_examples(series, run.lags, run.horizon, run.window_stride)
+    ex = training_examples(series, run.lags, run.horizon, run.window_stride, run.release_blocks)
     ledger = open_ledger(node)
     plan = noise_plan(ledger, run, run_id, server_round, len(ex))
     eps = ledger.charge(
@@ -113,7 +113,7 @@ def train_task(
 def predict_task(
     global_state: dict[str, torch.Tensor], run: RunSettings, node: NodeSettings, run_id: str, rng: np.random.Generator | None = None
 ) -> dict[str, float]:
-    """Release D_i: Gaussian noise on the latest input window, then the (public) model forecasts."""
+    """Release D_i: Gaussian noise on the latest window's block sums, then the public model forecasts."""
     series = series_for(node, run)
     if len(series) < run.lags:
         raise ValueError(f"series has {len(series)} periods, fewer than lags={run.lags}")
@@ -124,7 +124,7 @@ def predict_task(
     window = series.to_numpy(dtype=np.float64)[-run.lags :]
     # A pinned debug seed is mixed with the ledger length so two releases never share noise.
     rng = rng or np.random.default_rng(None if node.debug_seed is None else [node.debug_seed, len(ledger.entries)])
-    noisy = window + rng.normal(0.0, rel_sigma * sens, size=window.shape)
+    noisy = release_window(window, run.release_blocks, rel_sigma * sens, rng)
     first_target = series.index[-1] + (series.index[-1] - series.index[-2])
     model = build_model(run.lags, run.horizon, len(DRG_GROUPS))
     model.load_state_dict(global_state)

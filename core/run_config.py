@@ -19,6 +19,7 @@ DEFAULTS: dict[str, Any] = {
     "clip-norm": 1.0,
     "epsilon": 3.0,
     "release-share": 0.15,
+    "release-blocks": 2,
     "lags": 8,
     "horizon": 4,
     "stride": 0,
@@ -55,6 +56,7 @@ class RunSettings:
     clip_norm: float
     epsilon: float
     release_share: float
+    release_blocks: int
     lags: int
     horizon: int
     stride: int
@@ -114,6 +116,8 @@ class RunSettings:
         for name in ("num_server_rounds", "local_epochs", "batch_size", "lags", "horizon"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be ≥ 1")
+        if self.release_blocks < 1 or self.lags % self.release_blocks:
+            raise ValueError(f"release-blocks must divide lags={self.lags}, got {self.release_blocks}")
         if not 0 < self.release_share < 1:
             raise ValueError("release-share must be in (0, 1)")
         if self.epsilon <= 0:

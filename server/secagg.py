@@ -97,6 +97,10 @@ class SecAggSettings:
             raise ValueError(f"secagg-num-shares must be in [3, {n_nodes}], got {shares}")
         if not 2 <= threshold < shares:
             raise ValueError(f"secagg-threshold must be in [2, num_shares), got {threshold}")
+        if 2 * threshold <= shares:
+            # Flower's nodes do not check the coordinator's active/dead lists; with 2t > shares a
+            # coordinator that lies about dropouts cannot collect both kinds of shares of a node.
+            raise ValueError(f"secagg-threshold must exceed num_shares / 2, got {threshold} of {shares}")
         return shares, threshold
 
 
@@ -154,13 +158,15 @@ class GuardedLegacyFedAvg(LegacyFedAvg):
     def aggregate_fit(
         self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures: list[Any]
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
-        reasons = [getattr(f.args[0], "reason", "failure") if getattr(f, "args", None) else "failure" for f in failures]
+        # Flower's SecAgg+ workflow appends a stage-2 error reply twice; count each reply once.
+        unique = list({id(f.args[0]) if getattr(f, "args", None) else id(f): f for f in failures}.values())
+        reasons = [getattr(f.args[0], "reason", "failure") if getattr(f, "args", None) else "failure" for f in unique]
         record: dict[str, Any] = {
             "round": server_round,
             "asked": self.asked,
             "ok": len(results),
-            "failed": len(failures),
-            "missing": max(self.asked - len(results) - len(failures), 0),
+            "failed": len(unique),
+            "missing": max(self.asked - len(results) - len(unique), 0),
             "failed_nodes": {str(i): r for i, r in enumerate(reasons)},  # node ids are not kept by Flower here
             "missing_nodes": [],
             "seconds": time.monotonic() - self.t0,

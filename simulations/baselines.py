@@ -125,7 +125,7 @@ def last_value(series: pd.DataFrame | np.ndarray, horizon: int) -> float:
 def _examples(h: Hospitals, run: RunSettings) -> list[Any]:
     from client.features import training_examples
 
-    return [training_examples(s, run.lags, run.horizon, run.window_stride) for s in h.series]
+    return [training_examples(s, run.lags, run.horizon, run.window_stride, run.release_blocks) for s in h.series]
 
 
 def _pool(examples: Sequence[Any]) -> Any:
@@ -147,13 +147,15 @@ def _new_model(run: RunSettings) -> Any:
 
 def forecast_total(model: Any, series: pd.DataFrame, run: RunSettings, noise_std: float = 0.0,
                    rng: np.random.Generator | None = None) -> float:
-    """D_i from the last `lags` periods (optionally Gaussian-noised, as a node releases it)."""
+    """D_i from the last `lags` periods (optionally noised exactly as a node releases it)."""
     from client.dp_training import predict_counts
-    from client.features import forecast_inputs
+    from client.features import block_means, forecast_inputs, release_window
 
     window = series.to_numpy(dtype=np.float64)[-run.lags:]
-    if noise_std > 0:
-        window = window + (rng or np.random.default_rng()).normal(0.0, noise_std, size=window.shape)
+    if noise_std > 0:  # exactly the node's release (client.tasks.predict_task)
+        window = release_window(window, run.release_blocks, noise_std, rng or np.random.default_rng())
+    else:
+        window = block_means(window, run.release_blocks, axis=0)
     first_target = series.index[-1] + (series.index[-1] - series.index[-2])
     with np.errstate(over="ignore"):  # a diverged model forecasts inf; score() reports it
         return float(predict_counts(model, *forecast_inputs(window, first_target)).sum())

@@ -142,3 +142,19 @@ def test_federation_that_never_assembles_fails_clearly(node_configs, run_setting
     out = run_federation(grid, run_settings(**{"min-nodes": 2, "round-timeout": 1.0}))
     assert out.error is not None and "only 1 of the required 2 nodes" in out.error
     assert json.loads((out.path / "metrics.json").read_text())["status"] == "failed"
+
+
+def test_release_noises_block_sums_with_the_stated_scale():
+    """One record moves one block sum by 1, so noise of std σ on each block sum is the Gaussian
+    mechanism with sensitivity 1; the expanded window is post-processing of those sums."""
+    from client.features import release_window
+
+    window = np.arange(16, dtype=float).reshape(8, 2) + 10
+    rng = np.random.default_rng(0)
+    draws = np.stack([release_window(window, 2, 3.0, rng) for _ in range(4000)])
+    block_sums = draws.reshape(4000, 2, 4, 2).sum(axis=2)
+    true = window.reshape(2, 4, 2).sum(axis=1)
+    assert np.allclose(block_sums.mean(axis=0), true, atol=0.3)
+    assert np.allclose(block_sums.std(axis=0), 3.0, rtol=0.05)
+    # within a block every period carries the same value: nothing but the noisy sum is used
+    assert np.allclose(draws[:, :4], draws[:, :1]) and np.allclose(draws[:, 4:], draws[:, 4:5])

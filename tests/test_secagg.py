@@ -129,6 +129,8 @@ def test_settings_for_small_federations():
     assert SecAggSettings().resolve(10) == (10, 9)
     with pytest.raises(ValueError):
         SecAggSettings().resolve(2)
+    with pytest.raises(ValueError):  # a minority threshold would let a lying coordinator unmask one node
+        SecAggSettings(num_shares=5, threshold=2).resolve(5)
     sa, rest = SecAggSettings.split({"epsilon": 2.0, "secagg-threshold": 3, "secagg-max-weight": 500})
     assert rest == {"epsilon": 2.0} and sa.threshold == 3 and sa.max_weight == 500.0
 
@@ -169,3 +171,20 @@ def test_secagg_on_flower_ray_engine(node_configs, run_settings, tmp_path):
         led = Ledger.read(cfg["ledger-path"])
         assert [e["kind"] for e in led.entries] == ["dpsgd", "gaussian-release"]
         assert 0 < led.epsilon() <= cfg["budget"]
+
+
+def test_a_node_refusing_mid_protocol_is_tolerated(node_configs, run_settings):
+    """A node out of budget refuses in the masked-vector stage; SecAgg+ recovers its pairwise masks."""
+    configs = [dict(c) for c in node_configs[:3]]
+    configs[0]["budget"] = 0.01
+    run = run_settings(**{"num-server-rounds": 1, "resources-file": "", "min-nodes": 2})
+    seen: list[Message] = []
+    out = run_secagg_federation(InProcessGrid(make_secagg_app(), configs, tap=seen.append), run)
+    assert out.error is None, out.error
+    (rec,) = out.rounds
+    assert rec["ok"] == 2 and rec["failed"] == 1 and list(rec["failed_nodes"].values()) == ["budget exhausted"]
+    refused = [m for m in seen if m.has_error()]
+    assert refused and all(m.error.reason == "budget exhausted" for m in refused)
+    assert Ledger.read(configs[0]["ledger-path"]).entries == []
+    assert set(pd.read_csv(out.path / "allocations.csv").hospital) == {"hospital_001", "hospital_002"}
+    assert out.violations == []
