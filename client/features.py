@@ -60,7 +60,8 @@ def release_window(window: np.ndarray, blocks: int, noise_std: float, rng: np.ra
     return np.repeat(noisy / size, size, axis=0)
 
 
-def training_examples(series: pd.DataFrame, lags: int, horizon: int, stride: int | None = None, blocks: int = 1) -> Examples:
+def training_examples(series: pd.DataFrame, lags: int, horizon: int, stride: int | None = None, *, blocks: int) -> Examples:
+    """`blocks` must match the run's `release-blocks`: the model is trained on what it is later shown."""
     values = series.to_numpy(dtype=np.float64)
     x, y, meta = make_windows(values, lags, horizon, stride)
     x = block_means(x, blocks, axis=1)

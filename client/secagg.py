@@ -71,7 +71,7 @@ def _check_weight_bound(run: RunSettings, node: NodeSettings, context: Context) 
 
     state = context.state.config_records.get(RECORD_KEY_STATE)
     max_weight = float(state["max_weight"]) if state is not None and "max_weight" in state else 0.0
-    n = len(training_examples(series_for(node, run), run.lags, run.horizon, run.window_stride))
+    n = len(training_examples(series_for(node, run), run.lags, run.horizon, run.window_stride, blocks=run.release_blocks))
     if max_weight <= 0 or n > max_weight:
         raise ValueError(f"num_examples {n} exceeds the SecAgg+ max_weight {max_weight}")
 

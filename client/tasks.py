@@ -73,7 +73,7 @@ def train_task(
     global_state: dict[str, torch.Tensor], run: RunSettings, node: NodeSettings, run_id: str, server_round: int
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     series = series_for(node, run)
-    ex = training_examples(series, run.lags, run.horizon, run.window_stride, run.release_blocks)
+    ex = training_examples(series, run.lags, run.horizon, run.window_stride, blocks=run.release_blocks)
     ledger = open_ledger(node)
     plan = noise_plan(ledger, run, run_id, server_round, len(ex))
     eps = ledger.charge(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import typer
 
 from fedalloc.commands_allocate import allocate_command
+from fedalloc.commands_audit import audit_command
 from fedalloc.commands_data import generate_command, validate_command
 from fedalloc.commands_query import query_command
 from fedalloc.commands_sim import ledger_app, simulate_command
@@ -22,6 +23,7 @@ app.command("generate")(generate_command)
 app.command("simulate")(simulate_command)
 app.command("query")(query_command)
 app.command("sweep")(sweep_command)
+app.command("audit")(audit_command)
 app.add_typer(ledger_app, name="ledger")
 
 

@@ -50,7 +50,7 @@ from client.model import build_model
 from client.secagg import FIT_STATUS_MESSAGE, PUBLIC_FIT_METRICS
 from core.drg import DRG_GROUPS
 from core.run_config import RunSettings
-from server.app import RunOutcome, RoundCallback, _allocate, _write, predict_round
+from server.app import RunOutcome, RoundCallback, _allocate, _write, predict_round, wait_for_nodes
 from server.audit import AuditingGrid, MessageAudit
 from server.results import run_dir, save_arrays, write_json
 from server.strategy import RoundFailed
@@ -207,11 +207,13 @@ def run_secagg_federation(
     keys = list(initial.keys())
     audit = SecAggAudit.for_arrays(initial)
     grid = AuditingGrid(grid, audit)
-    nodes = list(grid.get_node_ids())
     ckpt = out.path / "checkpoint.npz"
     t0 = time.monotonic()
     strategy: GuardedLegacyFedAvg | None = None
+    nodes: list[int] = []
     try:
+        # Nodes may still be registering (Ray starts them alongside the ServerApp).
+        nodes = wait_for_nodes(grid, max(run.min_nodes, 3), run.round_timeout)
         num_shares, threshold = secagg.resolve(len(nodes))
         n = len(nodes)
         strategy = GuardedLegacyFedAvg(

@@ -125,7 +125,7 @@ def last_value(series: pd.DataFrame | np.ndarray, horizon: int) -> float:
 def _examples(h: Hospitals, run: RunSettings) -> list[Any]:
     from client.features import training_examples
 
-    return [training_examples(s, run.lags, run.horizon, run.window_stride, run.release_blocks) for s in h.series]
+    return [training_examples(s, run.lags, run.horizon, run.window_stride, blocks=run.release_blocks) for s in h.series]
 
 
 def _pool(examples: Sequence[Any]) -> Any:
