@@ -61,7 +61,9 @@ def _train(model: nn.Module, ex: Examples, noise_multiplier: float | None, max_g
     )
     gen = torch.Generator().manual_seed(seed)
     loader = DataLoader(data, batch_size=batch_size, shuffle=True, generator=gen)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    # Plain SGD: momentum accumulates DP noise across steps, and with 0.9 single-hospital DP
+    # training diverged (benchmarks/RESULTS.md, "Training defaults").
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     train_model: nn.Module = model
     if noise_multiplier is not None:
         from opacus import PrivacyEngine

@@ -15,7 +15,7 @@ DEFAULTS: dict[str, Any] = {
     "num-server-rounds": 5,
     "local-epochs": 2,
     "batch-size": 16,
-    "lr": 0.05,
+    "lr": 0.2,
     "clip-norm": 1.0,
     "epsilon": 3.0,
     "release-share": 0.15,

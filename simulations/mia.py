@@ -211,7 +211,7 @@ class AuditConfig:
     hidden: int = 256  # wider than the production forecaster (64) so ε = ∞ overfits
     epochs: int = 80
     batch_size: int = 32  # Opacus steps cost ~15–50 ms here: fewer, larger batches keep runs short
-    lr: float = 0.05
+    lr: float = 0.3
     clip_norm: float = 1.0
     delta: float = 1e-5
     blocks: int | None = None  # lag-window block averaging; None = the run-config default (if supported)
