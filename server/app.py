@@ -230,15 +230,19 @@ def make_app(overrides: Mapping[str, Any] | None = None, on_round: RoundCallback
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         run = RunSettings.from_mapping(dict(context.run_config), overrides or {})
-        result = run_federation(grid, run, on_round=on_round, resume=resume)
-        if outcome is not None:
-            outcome.append(result)
-        log.info("results written to %s", result.path)
-        print(f"fedalloc: results in {result.path}")
-        if result.error:
-            raise RuntimeError(result.error)
+        finish(run_federation(grid, run, on_round=on_round, resume=resume), outcome)
 
     return app
+
+
+def finish(result: RunOutcome, outcome: list[RunOutcome] | None) -> None:
+    """Hand the outcome to a simulation driver, say where results are, fail the run on error."""
+    if outcome is not None:
+        outcome.append(result)
+    log.info("results written to %s", result.path)
+    print(f"fedalloc: results in {result.path}")
+    if result.error:
+        raise RuntimeError(result.error)
 
 
 app = make_app()

@@ -50,7 +50,7 @@ from client.model import build_model
 from client.secagg import FIT_STATUS_MESSAGE, PUBLIC_FIT_METRICS
 from core.drg import DRG_GROUPS
 from core.run_config import RunSettings
-from server.app import RunOutcome, RoundCallback, _allocate, _write, predict_round, wait_for_nodes
+from server.app import RunOutcome, RoundCallback, _allocate, _write, finish, predict_round, wait_for_nodes
 from server.audit import AuditingGrid, MessageAudit
 from server.results import run_dir, save_arrays, write_json
 from server.strategy import RoundFailed
@@ -291,13 +291,7 @@ def make_secagg_server_app(
     def main(grid: Grid, context: Context) -> None:
         secagg, rest = SecAggSettings.split(dict(context.run_config), overrides or {})
         run = RunSettings.from_mapping(rest)
-        result = run_secagg_federation(grid, run, secagg, context=context, on_round=on_round)
-        if outcome is not None:
-            outcome.append(result)
-        log.info("results written to %s", result.path)
-        print(f"fedalloc: results in {result.path}")
-        if result.error:
-            raise RuntimeError(result.error)
+        finish(run_secagg_federation(grid, run, secagg, context=context, on_round=on_round), outcome)
 
     return app
 
