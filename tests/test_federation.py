@@ -158,3 +158,21 @@ def test_release_noises_block_sums_with_the_stated_scale():
     assert np.allclose(block_sums.std(axis=0), 3.0, rtol=0.05)
     # within a block every period carries the same value: nothing but the noisy sum is used
     assert np.allclose(draws[:, :4], draws[:, :1]) and np.allclose(draws[:, 4:], draws[:, 4:5])
+
+
+def test_corrupt_or_foreign_ledger_stops_the_node_and_is_never_reset(node_configs, run_settings, tmp_path):
+    from pathlib import Path
+
+    configs = [dict(c) for c in node_configs]
+    corrupt = Path(configs[0]["ledger-path"])
+    corrupt.parent.mkdir(parents=True, exist_ok=True)
+    corrupt.write_text('{"format": "fedalloc-ledger/1", "entr')
+    foreign = Path(configs[1]["ledger-path"])
+    Ledger.open(foreign, node="some_other_hospital", budget=3.0, delta=1e-5)
+    before = (corrupt.read_bytes(), foreign.read_bytes())
+    out, seen = run_inprocess(configs, run_settings())
+    assert out.error is None  # the two healthy nodes carry the run (min-nodes 2)
+    for node_id in (1001, 1002):
+        replies = [m for m in seen if m.metadata.src_node_id == node_id]
+        assert replies and all(m.has_error() and m.error.reason == "ledger unusable" for m in replies)
+    assert (corrupt.read_bytes(), foreign.read_bytes()) == before
