@@ -70,7 +70,7 @@ def series_for(node: NodeSettings, run: RunSettings) -> pd.DataFrame:
     return _series_cached(str(node.data_path), stat.st_mtime_ns, stat.st_size, run.start, run.cutoff, run.period, run.measure, run.los_cap).copy()
 
 
-@lru_cache(maxsize=8)
+@lru_cache(maxsize=2048)  # one entry per virtual node in a simulation process
 def _series_cached(path: str, mtime: int, size: int, start: str, end: str, period: str, measure: str, los_cap: float) -> pd.DataFrame:
     records = load_records(path)
     return demand_series(records, start=start, end=end, period=period, measure=measure, los_cap=los_cap, groups=DRG_GROUPS)

@@ -181,7 +181,7 @@ def simulate(
             server_app=make_server_app(settings, on_round=on_round, outcome=results, resume=resume),
             client_app=client_app or make_client_app(sim_nodes),
             num_supernodes=len(nodes.node_configs),
-            backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": min(os.cpu_count() or 2, 2), "logging_level": "ERROR", "log_to_driver": False}},
+            backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": os.cpu_count() or 2, "logging_level": "ERROR", "log_to_driver": False}},
         )
         if not results:
             raise RuntimeError("the simulation ended without a result; see the log above")
