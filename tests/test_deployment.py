@@ -39,7 +39,7 @@ def _exe(name: str) -> str:
         return str(local)
     found = shutil.which(name)
     if found is None:
-        pytest.skip(f"{name} not found")
+        pytest.fail(f"{name} not found: install the project (pip install -e .) first")
     return found
 
 
@@ -202,7 +202,7 @@ def cluster(tmp_path: Path):
 def test_tls_node_auth_deployment(cluster: Cluster, tmp_path: Path) -> None:
     for tool in ("openssl", "ssh-keygen", "bash"):
         if shutil.which(tool) is None:
-            pytest.skip(f"{tool} not found")
+            pytest.fail(f"{tool} not found: the deployment test needs it to make certificates and keys")
     superlink_bin, supernode_bin, flwr_bin = (
         _exe("flower-superlink"), _exe("flower-supernode"), _exe("flwr"))
     t0 = time.monotonic()
