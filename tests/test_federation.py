@@ -176,3 +176,22 @@ def test_corrupt_or_foreign_ledger_stops_the_node_and_is_never_reset(node_config
         replies = [m for m in seen if m.metadata.src_node_id == node_id]
         assert replies and all(m.has_error() and m.error.reason == "ledger unusable" for m in replies)
     assert (corrupt.read_bytes(), foreign.read_bytes()) == before
+
+
+def test_coordinator_cannot_redirect_a_node_or_fix_its_noise(node_configs, run_settings):
+    """Paths, budget and noise seed are node config only; a run config naming them is refused."""
+    from client.model import build_model
+    from client.node import NodeSettings
+    from client.tasks import train_task
+    from core.run_config import RunSettings
+
+    for key in ("data-path", "ledger-path", "budget", "debug-seed"):
+        with pytest.raises(ValueError, match="unknown run-config key"):
+            RunSettings.from_mapping({key: "x"})
+    run = run_settings()
+    node = NodeSettings.from_config(node_configs[0])
+    state = build_model(run.lags, run.horizon, 12).state_dict()
+    a, _ = train_task(state, run, node, "r-a", 1)
+    b, _ = train_task(state, run, node, "r-b", 1)
+    # same data, model and σ: only fresh OS-entropy noise (and Poisson batches) differ
+    assert any(not np.allclose(a[k].numpy(), b[k].numpy()) for k in a)
