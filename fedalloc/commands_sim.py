@@ -29,6 +29,7 @@ def simulate_command(
     out: Path = typer.Option(Path("results"), "--out", help="Results directory."),
     name: Optional[str] = typer.Option(None, help="Run name (default: timestamp)."),
     seed: int = typer.Option(0, help="Seed of the synthetic hospitals and the initial model."),
+    secagg: bool = typer.Option(False, "--secagg", help="Secure aggregation (Flower SecAgg+): the coordinator sees only masked updates."),
     resume: bool = typer.Option(False, "--resume", help="Continue run --name from its last checkpoint (keeps its nodes and ledgers)."),
 ) -> None:
     """Run a whole federation locally: DP training, D_i release, allocation."""
@@ -54,7 +55,7 @@ def simulate_command(
         try:
             outcome = simulate(
                 hospitals=hospitals, rounds=rounds, epsilon=epsilon, data_dir=data, resources=resources,
-                engine=engine, results_dir=str(out), run_name=name, seed=seed, on_round=on_round, resume=resume,
+                engine=engine, results_dir=str(out), run_name=name, seed=seed, on_round=on_round, resume=resume, secagg=secagg,
                 overrides={"total": total, "policy": policy, "strategy": strategy, "start": start, "cutoff": cutoff},
             )
         except InvalidNodeFiles as exc:

@@ -138,8 +138,12 @@ def simulate(
     client_app: Any = None,
     drop: Callable[[int, str], bool] | None = None,
     resume: bool = False,
+    secagg: bool = False,
 ) -> Any:
     """Run one federation end to end and return the coordinator's RunOutcome.
+
+    `secagg=True` trains under Flower's SecAgg+ workflow (server/secagg.py): the coordinator only
+    sees masked updates and their sum; the nodes' DP-SGD and ledgers are unchanged.
 
     `resume=True` continues the named run from its coordinator checkpoint: the nodes keep their
     files and ledgers under `<run>/nodes/` (and, in process, the same run id), so their σ plan and
@@ -167,6 +171,18 @@ def simulate(
         **(overrides or {}),
     }
     run = RunSettings.from_mapping(settings)
+    if secagg:
+        if resume:
+            raise ValueError("resume is not supported with secure aggregation")
+        from client.secagg import make_secagg_app
+        from server.secagg import make_secagg_server_app, run_secagg_federation
+
+        make_client_app = make_secagg_app
+        make_server_app = lambda settings, on_round, outcome, resume: make_secagg_server_app(  # noqa: E731
+            settings, outcome, on_round)
+        run_federation = lambda grid, run, on_round, resume: run_secagg_federation(  # noqa: E731
+            grid, run, on_round=on_round)
+
     if engine == "inprocess":
         from simulations.inprocess import InProcessGrid
 

@@ -36,3 +36,12 @@ def test_bad_node_file_is_named_and_nothing_runs(sim_data, tmp_path):
     assert res.exit_code == 2
     assert "hospital_002.csv" in res.output and "row 5" in res.output and "admit_date" in res.output
     assert not (tmp_path / "out" / "bad" / "rounds.csv").exists()
+
+
+def test_simulate_with_secure_aggregation(tmp_path):
+    res = CliRunner().invoke(app, ["simulate", "--secagg", "--hospitals", "3", "--rounds", "1", "--engine", "inprocess",
+                                   "--out", str(tmp_path), "--name", "sa"])
+    assert res.exit_code == 0, res.output
+    metrics = __import__("json").loads((tmp_path / "sa" / "metrics.json").read_text())
+    assert metrics["status"] == "ok" and metrics["audit_violations"] == []
+    assert pd.read_csv(tmp_path / "sa" / "allocations.csv").allocation.sum() == pytest.approx(1000)
