@@ -20,8 +20,8 @@ from functools import lru_cache
 import numpy as np
 import pandas as pd
 
-from client.calibration import SIGMA_MAX, release_sigma
-from client.ledger import BudgetExceeded, Mechanism
+from client.calibration import release_sigma
+from client.ledger import Mechanism
 from client.node import NodeSettings
 from client.tasks import open_ledger
 from core.queries import QuerySpec, local_answer, sensitivity
@@ -53,11 +53,7 @@ def plan_release(spec: QuerySpec, delta: float, accountant: str = "rdp") -> Rele
     A query ε so small that even the largest σ the calibrator tries cannot meet it is a bad
     query, not a spent budget, so it is reported as a configuration error.
     """
-    try:
-        sigma = release_sigma(spec.epsilon, delta, accountant)
-    except BudgetExceeded:
-        raise ValueError(f"query ε={spec.epsilon:g} is too small (needs σ > {SIGMA_MAX:g})") from None
-    return ReleasePlan(sigma, sensitivity(spec))
+    return ReleasePlan(release_sigma(spec.epsilon, delta, accountant), sensitivity(spec))  # ValueError if too small
 
 
 def noisy_release(exact: np.ndarray, plan: ReleasePlan, rng: np.random.Generator) -> np.ndarray:

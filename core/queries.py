@@ -306,7 +306,7 @@ def local_answer(records: pd.DataFrame, spec: QuerySpec) -> np.ndarray:
         if spec.group_by not in records.columns:
             raise ValueError(f"records have no column {spec.group_by!r}")
         values = records[spec.group_by].astype("str").str.strip()
-        codes = pd.Categorical(values, categories=spec.categories).codes.astype(np.int64)
+        codes = pd.Index(spec.categories).get_indexer(values).astype(np.int64)  # -1: undeclared
         keep &= codes >= 0
     else:
         codes = np.zeros(n, dtype=np.int64)
