@@ -116,6 +116,12 @@ class RunSettings:
         for name in ("num_server_rounds", "local_epochs", "batch_size", "lags", "horizon"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be ≥ 1")
+        if self.stride and self.stride < self.lags + self.horizon:
+            # Overlapping windows put one record in several examples; the ledger charges DP-SGD
+            # per example, so the per-record ε would be under-reported (DESIGN.md "Training").
+            raise ValueError(
+                f"stride {self.stride} < lags+horizon = {self.lags + self.horizon}: overlapping windows "
+                "need group-privacy accounting, which fedalloc does not do; use disjoint windows (stride 0)")
         if self.release_blocks < 1 or self.lags % self.release_blocks:
             raise ValueError(f"release-blocks must divide lags={self.lags}, got {self.release_blocks}")
         if not 0 < self.release_share < 1:

@@ -12,21 +12,6 @@ from rich.table import Table
 console = Console()
 
 
-def _parse_epsilons(text: str) -> list[float]:
-    out: list[float] = []
-    for part in text.split(","):
-        part = part.strip().lower()
-        if not part:
-            continue
-        value = math.inf if part in ("inf", "∞", "none") else float(part)
-        if not (value > 0):
-            raise ValueError(f"ε must be > 0, got {part!r}")
-        out.append(value)
-    if not out:
-        raise ValueError("no ε given")
-    return out
-
-
 def audit_command(
     out: Path = typer.Option(Path("results/audit"), "--out", help="Output directory (audit.csv, audit_summary.csv, audit.png, audit.html)."),
     seeds: int = typer.Option(2, help="Seeds 0 … seeds−1 (synthetic pool, member split, model init)."),
@@ -39,9 +24,10 @@ def audit_command(
 ) -> None:
     """Train forecasters on random member halves of a synthetic pool and attack them (loss threshold)."""
     from simulations.mia import AuditConfig, run_audit, summary, write_audit
+    from simulations.sweep import parse_epsilons
 
     try:
-        grid = _parse_epsilons(epsilons)
+        grid = parse_epsilons(epsilons)
     except ValueError as exc:
         console.print(f"[red]--epsilons: {exc}[/red]")
         raise typer.Exit(2)

@@ -23,3 +23,12 @@ def test_unknown_or_bad_keys_are_errors():
     with pytest.raises(ValueError, match="period"):
         RunSettings.from_mapping({"period": "month"})
     assert RunSettings.from_mapping({"integer": "true"}).integer is True
+
+
+def test_overlapping_windows_are_refused_because_epsilon_would_be_per_example():
+    from core.series import window_multiplicity
+
+    assert window_multiplicity(8, 4, 6) == 2  # one record would sit in two examples
+    with pytest.raises(ValueError, match="group-privacy"):
+        RunSettings.from_mapping({"stride": 6})
+    assert RunSettings.from_mapping({"stride": 12}).window_stride == 12
