@@ -14,22 +14,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from client.ledger import BudgetExceeded, LedgerError
+from client.limits import ModelRefused, OutsidePlan
 from client.node import NodeSettings
+from core.protocol import ERRORS
 from core.records import RecordsError
 from core.run_config import RunSettings
 
 log = logging.getLogger("fedalloc.node")
 logging.getLogger("flwr").propagate = False  # opacus calls logging.basicConfig; avoid double lines
-
-# Error codes/reasons a node may send. The audit on the coordinator allows exactly these.
-ERRORS = {
-    "records": (4001, "records invalid"),
-    "budget": (4002, "budget exhausted"),
-    "ledger": (4003, "ledger unusable"),
-    "config": (4004, "configuration invalid"),
-    "internal": (4005, "node failure"),
-}
-
 
 def _classify(exc: BaseException) -> str:
     if isinstance(exc, RecordsError):
@@ -38,6 +30,10 @@ def _classify(exc: BaseException) -> str:
         return "budget"
     if isinstance(exc, LedgerError):
         return "ledger"
+    if isinstance(exc, OutsidePlan):
+        return "limits"
+    if isinstance(exc, ModelRefused):
+        return "model"
     if isinstance(exc, (ValueError, KeyError, FileNotFoundError)):
         return "config"
     return "internal"

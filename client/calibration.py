@@ -1,55 +1,69 @@
 """Choosing noise multipliers so a whole run fits a node's remaining budget.
 
-Calibration is done against the ledger's full history with the same accountant the ledger uses,
-so what is planned is exactly what will be charged. The ledger still checks every charge: a
-calibration error can only make the node refuse, never overspend.
+Calibration uses the ledger's own accountant (client/accounting.py, record-level relations), so
+what is planned is exactly what will be charged. The ledger still checks every charge: a
+calibration error can only make the node refuse, never overspend. σ depends only on public values
+(q, steps, ε, δ and the ledger's history), so results are cached: every fresh node of a simulation
+asks the same question.
 """
 
 from __future__ import annotations
 
-from client.ledger import BudgetExceeded, Mechanism, compute_epsilon
+import functools
+from typing import Callable, Sequence
+
+from client.accounting import Mechanism, MechanismLike, as_mechanism, epsilon
+from client.ledger import BudgetExceeded
 
 SIGMA_MIN, SIGMA_MAX = 0.3, 500.0
+RELEASE = "gaussian-release"
 
 
-def _smallest_sigma(eps_of_sigma, target: float, what: str, error: type[Exception] = BudgetExceeded) -> float:
+def _smallest_sigma(eps_of_sigma: Callable[[float], float], target: float, what: str,
+                    error: type[Exception] = BudgetExceeded) -> float:
     if eps_of_sigma(SIGMA_MAX) > target:
         raise error(f"{what}: even σ={SIGMA_MAX} exceeds the ε target {target:.3f}")
     if eps_of_sigma(SIGMA_MIN) <= target:
         return SIGMA_MIN
     lo, hi = SIGMA_MIN, SIGMA_MAX
-    for _ in range(40):
+    while hi / lo > 1.001:
         mid = (lo * hi) ** 0.5  # geometric: σ spans three orders of magnitude
         if eps_of_sigma(mid) > target:
             lo = mid
         else:
             hi = mid
-        if hi / lo < 1.001:
-            break
     return hi
 
 
-def release_sigma(target_eps: float, delta: float, accountant: str = "rdp") -> float:
-    """σ of a single Gaussian release (q = 1, one step) costing at most `target_eps` alone."""
+@functools.lru_cache(maxsize=1024)
+def _release_sigma(target_eps: float, delta: float) -> float:
     # A request too small to calibrate is a configuration problem, not an exhausted budget.
-    return _smallest_sigma(
-        lambda s: compute_epsilon([(s, 1.0, 1)], delta, accountant), target_eps, "release", ValueError
-    )
+    return _smallest_sigma(lambda s: epsilon([Mechanism(s, 1.0, 1, RELEASE)], delta), target_eps, "release", ValueError)
+
+
+def release_sigma(target_eps: float, delta: float, accountant: str = "pld") -> float:
+    """σ of one Gaussian release (add/remove, q = 1, one step) costing at most `target_eps` alone."""
+    return _release_sigma(float(target_eps), float(delta))
 
 
 def training_sigma(
-    history: list[tuple[float, float, int]],
+    history: Sequence[MechanismLike],
     sample_rate: float,
     steps: int,
-    then: list[Mechanism],
+    then: Sequence[Mechanism],
     target_eps: float,
     delta: float,
-    accountant: str = "rdp",
+    accountant: str = "pld",
 ) -> float:
-    """σ for `steps` DP-SGD steps at `sample_rate` so history + training + `then` ≤ target."""
-    tail = [m.as_tuple() for m in then]
+    """σ for `steps` DP-SGD steps (replace-one) at `sample_rate` so history + training + `then` ≤ target."""
+    key = tuple(map(as_mechanism, history))
+    return _training_sigma(key, float(sample_rate), int(steps), tuple(then), float(target_eps), float(delta))
 
+
+@functools.lru_cache(maxsize=4096)
+def _training_sigma(history: tuple[Mechanism, ...], sample_rate: float, steps: int, then: tuple[Mechanism, ...],
+                    target_eps: float, delta: float) -> float:
     def eps(s: float) -> float:
-        return compute_epsilon(history + [(s, sample_rate, steps)] + tail, delta, accountant)
+        return epsilon(list(history) + [Mechanism(s, sample_rate, steps)] + list(then), delta)
 
     return _smallest_sigma(eps, target_eps, "training")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import secrets
 import warnings
 from dataclasses import dataclass
 
@@ -12,19 +13,11 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from client.features import Examples
+from core.run_config import StepPlan, plan_steps  # noqa: F401  (re-exported for callers)
 
 
-@dataclass(frozen=True)
-class StepPlan:
-    """What Opacus will do for N examples: Poisson rate q = 1/#batches, #batches steps/epoch."""
-
-    sample_rate: float
-    steps: int
-
-
-def plan_steps(n_examples: int, batch_size: int, epochs: int) -> StepPlan:
-    batches = max(math.ceil(n_examples / batch_size), 1)
-    return StepPlan(sample_rate=1.0 / batches, steps=batches * epochs)
+# Bound on the forecaster's log1p outputs: e^30 ≈ 10^13 is far above any hospital's demand.
+LOG_BOUND = 30.0
 
 
 def train_dp(
@@ -36,10 +29,13 @@ def train_dp(
     batch_size: int,
     epochs: int,
     lr: float,
-    seed: int,
+    seed: int | None = None,
 ) -> StepPlan:
     """Train `model` in place. `noise_multiplier=None` trains without DP (baselines only).
 
+    `seed=None` (every node's default) draws the DP noise and the Poisson sampling from
+    generators seeded with 64 bits of OS entropy each: a seed the coordinator could guess or
+    replay would let it subtract the noise. An int pins both (tests, debugging; node-only).
     Returns the (q, steps) Opacus actually used, so the caller can check it against what was
     charged to the ledger beforehand.
     """
@@ -53,13 +49,22 @@ def train_dp(
         torch.set_num_threads(threads)
 
 
+def entropy_generator(seed: int | None = None) -> torch.Generator:
+    """A torch generator seeded with 64 bits of OS entropy (or with `seed`, when pinned).
+
+    torch's generator is a Mersenne Twister whose full seed space is 64 bits; Opacus's CSPRNG
+    option needs torchcsprng, which has no build for this torch (docs/DESIGN.md, "Noise").
+    """
+    return torch.Generator().manual_seed(secrets.randbits(64) if seed is None else int(seed) % 2**64)
+
+
 def _train(model: nn.Module, ex: Examples, noise_multiplier: float | None, max_grad_norm: float,
-           batch_size: int, epochs: int, lr: float, seed: int) -> StepPlan:
-    torch.manual_seed(seed)
+           batch_size: int, epochs: int, lr: float, seed: int | None) -> StepPlan:
     data = TensorDataset(
         torch.from_numpy(ex.x_log), torch.from_numpy(ex.group), torch.from_numpy(ex.season), torch.from_numpy(ex.y_log)
     )
-    gen = torch.Generator().manual_seed(seed)
+    gen = entropy_generator(seed)
+    noise_gen = entropy_generator(None if seed is None else seed + 1)
     loader = DataLoader(data, batch_size=batch_size, shuffle=True, generator=gen)
     # Plain SGD: momentum accumulates DP noise across steps, and with 0.9 single-hospital DP
     # training diverged (benchmarks/RESULTS.md, "Training defaults").
@@ -79,6 +84,7 @@ def _train(model: nn.Module, ex: Examples, noise_multiplier: float | None, max_g
                 noise_multiplier=noise_multiplier,
                 max_grad_norm=max_grad_norm,
                 poisson_sampling=True,
+                noise_generator=noise_gen,
             )
     loss_fn = nn.MSELoss()
     train_model.train()
@@ -87,24 +93,48 @@ def _train(model: nn.Module, ex: Examples, noise_multiplier: float | None, max_g
     for _ in range(epochs):
         for x, g, s, y in loader:
             optimizer.zero_grad(set_to_none=True)
-            pred = train_model(x, g, s)
+            # Clamped outputs bound the loss whatever global model arrived (docs/DESIGN.md,
+            # "Side channels"): a crafted model must not turn one record into an overflow.
+            pred = train_model(x, g, s).clamp(-LOG_BOUND, LOG_BOUND)
             # Poisson sampling can draw an empty batch: backprop a zero loss so Opacus still
             # takes (and accounts) a pure-noise step, as the analysis assumes.
             loss = loss_fn(pred, y) if len(g) else pred.sum() * 0.0
             loss.backward()
+            if noise_multiplier is not None:
+                zero_nonfinite_samples(train_model)
             optimizer.step()
             steps += 1
+    with torch.no_grad():  # post-processing of the DP output: the update leaving the node is finite
+        for p in model.parameters():
+            torch.nan_to_num_(p, nan=0.0, posinf=0.0, neginf=0.0)
     if noise_multiplier is not None:
         hist = engine.accountant.history
         return StepPlan(sample_rate=float(hist[0][1]), steps=int(sum(h[2] for h in hist)))
     return StepPlan(sample_rate=1.0 / max(len(loader), 1), steps=steps)
 
 
+def zero_nonfinite_samples(model: nn.Module) -> None:
+    """A per-sample gradient with any non-finite entry counts as zero before clipping.
+
+    Zero lies inside the clipping ball, so the sensitivity is unchanged; without this a NaN from
+    one example would poison the noisy sum, and noise cannot hide a NaN.
+    """
+    grads = [p.grad_sample for p in model.parameters() if getattr(p, "grad_sample", None) is not None]
+    if not grads:
+        return
+    ok = torch.ones(grads[0].shape[0], dtype=torch.bool)
+    for gs in grads:
+        ok &= torch.isfinite(gs.reshape(gs.shape[0], -1)).all(dim=1)
+    if not bool(ok.all()):
+        for gs in grads:
+            gs[~ok] = 0.0
+
+
 @torch.no_grad()
 def predict_log(model: nn.Module, x_log: np.ndarray, group: np.ndarray, season: np.ndarray) -> np.ndarray:
     model.eval()
     out = model(torch.from_numpy(x_log), torch.from_numpy(group), torch.from_numpy(season))
-    return out.numpy().astype(np.float64)
+    return torch.nan_to_num(out.clamp(-LOG_BOUND, LOG_BOUND), nan=0.0).numpy().astype(np.float64)
 
 
 def predict_counts(model: nn.Module, x_log: np.ndarray, group: np.ndarray, season: np.ndarray) -> np.ndarray:

@@ -1,83 +1,59 @@
-"""A node's persistent privacy ledger.
+"""A node's persistent, lifetime privacy ledger.
 
-Every mechanism the node runs is one entry (noise multiplier σ, sample rate q, steps): DP-SGD
-rounds are subsampled Gaussians, a Gaussian release is (σ, 1.0, 1). ε is always recomputed from
-the whole history with one Opacus accountant, so heterogeneous mechanisms compose correctly and
-anyone holding the history can recompute it with another accountant.
+Every mechanism the node runs is one entry: noise multiplier σ, sample rate q, steps, the
+neighbouring relation of its input and the L2 sensitivity of one record (client/accounting.py).
+ε is recomputed from the whole history with dp_accounting's privacy-loss distributions, so anyone
+holding `fedalloc ledger show --json` can recompute it with another accountant.
 
-The charge is written (temp file + fsync + rename + directory fsync) *before* the work it pays
-for is done or sent, so a crash can waste budget but never under-record it.
+Durability: a charge is written (temp file + fsync + rename + directory fsync) under an exclusive
+file lock *before* the work it pays for is done or sent, so a crash can waste budget but never
+under-record it. A corrupt ledger, one of another node, or a missing one that existed before is an
+error, never a reset: the node refuses to work (docs/DESIGN.md, "Ledger").
+
+A ledger also holds one *plan* per run (σ, q, steps, rounds, ε), written at the run's first
+request: later requests of that run must match it, so a coordinator cannot change a run's noise
+or stretch it past its planned rounds.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import fcntl
 import json
 import os
 import tempfile
-import warnings
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
-FORMAT = "fedalloc-ledger/1"
-ACCOUNTANTS = ("rdp", "prv")
-# Opacus's default RDP orders stop at 63; strongly noised single releases need larger orders
-# for a tight bound, so the ledger always uses this extended (fixed, recorded) set.
-RDP_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)) + list(range(64, 257, 4)) + [320, 512, 1024]
+from filelock import FileLock
+
+from client.accounting import ADD_REMOVE, DPSGD, REPLACE_ONE, Mechanism, MechanismLike, epsilon
+
+FORMAT = "fedalloc-ledger/2"
+READABLE = ("fedalloc-ledger/1", FORMAT)
+ACCOUNTANT = "pld"
+
+__all__ = ["Ledger", "LedgerError", "BudgetExceeded", "Mechanism", "compute_epsilon", "atomic_write_bytes"]
 
 
 class LedgerError(RuntimeError):
-    """The ledger file is unusable (corrupt, or belongs to another node). Never reset silently."""
+    """The ledger is unusable (corrupt, another node's, or missing). Never reset silently."""
 
 
 class BudgetExceeded(RuntimeError):
     """Running the requested mechanism would push ε past the node's lifetime budget."""
 
 
-@dataclass(frozen=True)
-class Mechanism:
-    noise_multiplier: float
-    sample_rate: float
-    steps: int
-    kind: str = "dpsgd"
+def compute_epsilon(history: list[MechanismLike], delta: float, accountant: str = ACCOUNTANT) -> float:
+    """ε after composing `history` (Mechanisms, or (σ, q, steps) DP-SGD tuples).
 
-    def as_tuple(self) -> tuple[float, float, int]:
-        return (self.noise_multiplier, self.sample_rate, self.steps)
-
-
-def compute_epsilon(
-    history: list[tuple[float, float, int]], delta: float, accountant: str = "rdp"
-) -> float:
-    """ε after composing every (σ, q, steps) in `history`, via Opacus's accountant."""
-    if not history:
-        return 0.0
-    key = tuple((float(s), float(q), int(n)) for s, q, n in history)
-    return _epsilon_cached(key, float(delta), accountant)
-
-
-@functools.lru_cache(maxsize=4096)
-def _epsilon_cached(history: tuple[tuple[float, float, int], ...], delta: float, accountant: str) -> float:
-    # Calibration evaluates the same histories many times; the accountant is pure, so cache it.
-    from opacus.accountants import PRVAccountant, RDPAccountant
-
-    if accountant == "rdp":
-        acc = RDPAccountant()
-        acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
-        with warnings.catch_warnings():
-            # At the largest order the bound is merely loose (conservative), never optimistic.
-            warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-            return float(acc.get_epsilon(delta=delta, alphas=RDP_ORDERS))
-    acc = PRVAccountant()
-    acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
-    return float(acc.get_epsilon(delta=delta))
+    `accountant` is accepted for old callers; the only accountant is dp_accounting's PLD.
+    """
+    return epsilon(history, delta)
 
 
 class Ledger:
-    """One node's ledger file. Create with `Ledger.open(path, node=…, budget=…, delta=…)`."""
+    """One node's ledger file. Create or open with `Ledger.open(path, node=…, budget=…, delta=…)`."""
 
     def __init__(self, path: Path, data: dict[str, Any], limit: float | None = None) -> None:
         self.path = path
@@ -92,55 +68,49 @@ class Ledger:
         path: str | Path,
         *,
         node: str,
-        budget: float,
+        budget: float | None,
         delta: float,
-        accountant: str = "rdp",
+        marker: str | Path | None = None,
     ) -> "Ledger":
-        """Read the ledger at `path`, or create it if the file does not exist.
+        """Read the ledger at `path`, or create it (budget None: the default 3.0).
 
-        A file that exists but cannot be parsed, or that names another node, raises LedgerError:
-        replacing it would erase spent budget.
+        `marker` is a small file kept apart from the ledger (beside the node's records): it
+        remembers that this node has a ledger and where. A ledger that is missing while its
+        marker exists is refused — starting again from 0 would erase spent budget.
         """
-        path = Path(path)
-        if accountant not in ACCOUNTANTS:
-            raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
-        if not budget > 0:
+        path = Path(path).expanduser().resolve()
+        if budget is not None and not budget > 0:
             raise ValueError(f"budget must be positive, got {budget}")
         if not 0 < delta < 1:
             raise ValueError(f"delta must be in (0, 1), got {delta}")
-        if path.exists():
+        marker_path = Path(marker).expanduser().resolve() if marker else None
+        with _lock(path):
+            known = _read_marker(marker_path, node) if marker_path else None
+            if known is not None and Path(known["ledger"]) != path:
+                raise LedgerError(f"node {node!r} keeps its ledger at {known['ledger']}, not {path}; "
+                                  "point ledger-path there (a node has one lifetime ledger)")
+            if not path.exists():
+                if known is not None:
+                    raise LedgerError(
+                        f"{path}: ledger missing; node {node!r} has had one since {known['created']}. "
+                        "Restore it from backup (see docs/DESIGN.md, 'Ledger recovery'); it is never restarted at 0")
+                data = _new(node, 3.0 if budget is None else float(budget), delta)
+                if marker_path:
+                    _write_marker(marker_path, node, path, data["created"])
+                path.parent.mkdir(parents=True, exist_ok=True)
+                _atomic_write(path, data)
             data = _read(path)
             if data["node"] != node:
-                raise LedgerError(
-                    f"{path}: ledger belongs to node {data['node']!r}, not {node!r}"
-                )
-            if float(data["delta"]) != float(delta) or data["accountant"] != accountant:
-                raise LedgerError(
-                    f"{path}: ledger was created with delta={data['delta']} "
-                    f"accountant={data['accountant']}; node config asks delta={delta} "
-                    f"accountant={accountant}"
-                )
-            if float(budget) > float(data["budget"]):
-                raise LedgerError(
-                    f"{path}: node config budget {budget} exceeds the lifetime budget "
-                    f"{data['budget']} recorded in the ledger; a lifetime budget cannot grow"
-                )
-            return cls(path, data, limit=min(float(budget), float(data["budget"])))
-        data = {
-            "format": FORMAT,
-            "node": node,
-            "budget": float(budget),
-            "delta": float(delta),
-            "accountant": accountant,
-            "created": _now(),
-            "entries": [],
-        }
-        ledger = cls(path, data)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with ledger._locked():
-            if not path.exists():
-                _atomic_write(path, data)
-        return cls(path, _read(path))
+                raise LedgerError(f"{path}: ledger belongs to node {data['node']!r}, not {node!r}")
+            if marker_path and known is None:
+                _write_marker(marker_path, node, path, str(data.get("created", _now())))
+        if float(data["delta"]) != float(delta):
+            raise LedgerError(f"{path}: ledger was created with delta={data['delta']}; node config asks delta={delta}")
+        if budget is not None and float(budget) > float(data["budget"]):
+            raise LedgerError(
+                f"{path}: node config budget {budget} exceeds the lifetime budget "
+                f"{data['budget']} recorded in the ledger; a lifetime budget cannot grow")
+        return cls(path, data, limit=None if budget is None else min(float(budget), float(data["budget"])))
 
     @classmethod
     def read(cls, path: str | Path) -> "Ledger":
@@ -166,18 +136,20 @@ class Ledger:
 
     @property
     def accountant(self) -> str:
-        return str(self._data["accountant"])
+        return ACCOUNTANT
 
     @property
     def entries(self) -> list[dict[str, Any]]:
         return [dict(e) for e in self._data["entries"]]
 
-    def history(self) -> list[tuple[float, float, int]]:
-        return [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in self._data["entries"]]
+    def mechanisms(self) -> list[Mechanism]:
+        return [_mechanism(e) for e in self._data["entries"]]
+
+    def history(self) -> list[Mechanism]:
+        return self.mechanisms()
 
     def epsilon(self, extra: list[Mechanism] | None = None) -> float:
-        hist = self.history() + [m.as_tuple() for m in (extra or [])]
-        return compute_epsilon(hist, self.delta, self.accountant)
+        return epsilon(self.mechanisms() + list(extra or []), self.delta)
 
     def remaining(self) -> float:
         return max(self.budget - self.epsilon(), 0.0)
@@ -185,75 +157,90 @@ class Ledger:
     def run_entries(self, run: str) -> list[dict[str, Any]]:
         return [dict(e) for e in self._data["entries"] if e.get("run") == run]
 
-    # -- charging -------------------------------------------------------------------------
-    def charge(self, mechanisms: list[Mechanism], *, run: str, purpose: str) -> float:
+    def charged(self, run: str, kind: str, round_: int | None = None) -> bool:
+        return any(e.get("run") == run and e["kind"] == kind and e.get("round") == round_
+                   for e in self._data["entries"])
+
+    def plan(self, run: str) -> dict[str, Any] | None:
+        plan = self._data.get("plans", {}).get(run)
+        return dict(plan) if plan is not None else None
+
+    # -- writing --------------------------------------------------------------------------
+    def set_plan(self, run: str, plan: dict[str, Any]) -> dict[str, Any]:
+        """Record `plan` for `run` unless one exists; return the plan in force (first wins)."""
+        with _lock(self.path):
+            self._data = _read(self.path)
+            plans = self._data.setdefault("plans", {})
+            if run not in plans:
+                plans[run] = dict(plan)
+                _atomic_write(self.path, self._data)
+            return dict(plans[run])
+
+    def charge(self, mechanisms: list[Mechanism], *, run: str, purpose: str, round_: int | None = None,
+               run_id: str = "") -> float:
         """Record `mechanisms` durably, then return the new ε. Refuse if it would exceed budget.
 
         Re-reads the file under an exclusive lock so two processes of one node (deployment
         runs one process per message) cannot both spend the same remaining budget.
         """
-        for m in mechanisms:
-            if not (m.noise_multiplier > 0 and 0 < m.sample_rate <= 1 and m.steps >= 1):
-                raise ValueError(f"invalid mechanism {m}")
-        with self._locked():
+        with _lock(self.path):
             self._data = _read(self.path)
             eps_after = self.epsilon(mechanisms)
             if eps_after > self.budget:
                 raise BudgetExceeded(
                     f"{purpose} would bring ε to {eps_after:.3f} > lifetime budget "
-                    f"{self.budget:.3f} (spent {self.epsilon():.3f})"
-                )
+                    f"{self.budget:.3f} (spent {self.epsilon():.3f})")
             stamp = _now()
             for m in mechanisms:
-                self._data["entries"].append(
-                    {
-                        "run": run,
-                        "purpose": purpose,
-                        "kind": m.kind,
-                        "noise_multiplier": float(m.noise_multiplier),
-                        "sample_rate": float(m.sample_rate),
-                        "steps": int(m.steps),
-                        "epsilon_after": eps_after,
-                        "time": stamp,
-                    }
-                )
+                self._data["entries"].append({
+                    "run": run,
+                    "run_id": run_id,
+                    "round": round_,
+                    "purpose": purpose,
+                    "kind": m.kind,
+                    "relation": m.relation,
+                    "noise_multiplier": float(m.noise_multiplier),
+                    "sample_rate": float(m.sample_rate),
+                    "steps": int(m.steps),
+                    "sensitivity": float(m.sensitivity),
+                    "epsilon_after": eps_after,
+                    "time": stamp,
+                })
             _atomic_write(self.path, self._data)
         return eps_after
 
     def summary(self) -> dict[str, Any]:
-        """The public, recomputable view printed by `fedalloc ledger show --json`."""
+        """The public, recomputable view printed by `fedalloc ledger show --json`: every field."""
         return {
             "node": self.node,
             "budget": self.budget,
             "delta": self.delta,
-            "accountant": self.accountant,
+            "accountant": ACCOUNTANT,
             "epsilon_spent": self.epsilon(),
-            "history": [
-                {
-                    "noise_multiplier": e["noise_multiplier"],
-                    "sample_rate": e["sample_rate"],
-                    "steps": e["steps"],
-                    "kind": e["kind"],
-                    "run": e["run"],
-                    "purpose": e["purpose"],
-                }
-                for e in self._data["entries"]
-            ],
+            "history": self.entries,
+            "plans": dict(self._data.get("plans", {})),
         }
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        lock_path = self.path.with_name(self.path.name + ".lock")
-        with open(lock_path, "a+") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+
+def _mechanism(e: dict[str, Any]) -> Mechanism:
+    return Mechanism(float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"]), str(e["kind"]),
+                     str(e["relation"]), float(e.get("sensitivity", 1.0)))
+
+
+def _new(node: str, budget: float, delta: float) -> dict[str, Any]:
+    return {"format": FORMAT, "node": node, "budget": budget, "delta": float(delta), "accountant": ACCOUNTANT,
+            "created": _now(), "entries": [], "plans": {}}
 
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@contextlib.contextmanager
+def _lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        yield
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -262,24 +249,59 @@ def _read(path: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise LedgerError(f"{path}: ledger file is corrupt ({exc.__class__.__name__}); "
                           "refusing to reset it — restore it from backup") from exc
-    required = {"format", "node", "budget", "delta", "accountant", "entries"}
-    if not isinstance(data, dict) or data.get("format") != FORMAT or not required <= set(data):
-        raise LedgerError(f"{path}: not a {FORMAT} ledger file")
+    required = {"format", "node", "budget", "delta", "entries"}
+    if not isinstance(data, dict) or data.get("format") not in READABLE or not required <= set(data):
+        raise LedgerError(f"{path}: not a fedalloc ledger file")
+    if data["format"] != FORMAT:
+        _upgrade(data)
     for i, e in enumerate(data["entries"]):
         try:
-            ok = float(e["noise_multiplier"]) > 0 and 0 < float(e["sample_rate"]) <= 1 and int(e["steps"]) >= 1
-        except (KeyError, TypeError, ValueError):
-            ok = False
-        if not ok:
-            raise LedgerError(f"{path}: ledger entry {i} is malformed")
+            _mechanism(e)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise LedgerError(f"{path}: ledger entry {i} is malformed") from exc
     return data
 
 
+def _upgrade(data: dict[str, Any]) -> None:
+    """A format-1 ledger did not record relations: its DP-SGD entries are re-accounted replace-one."""
+    for e in data["entries"]:
+        if isinstance(e, dict):
+            e.setdefault("relation", REPLACE_ONE if e.get("kind") == DPSGD else ADD_REMOVE)
+            e.setdefault("sensitivity", 1.0)
+            e.setdefault("round", None)
+    data.update(format=FORMAT, accountant=ACCOUNTANT)
+    data.setdefault("plans", {})
+
+
+def _read_marker(marker: Path, node: str) -> dict[str, Any] | None:
+    if not marker.exists():
+        return None
+    try:
+        known = json.loads(marker.read_text())
+        return {"ledger": str(known["ledger"]), "created": str(known["created"]), "node": str(known["node"])}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise LedgerError(f"{marker}: ledger marker is corrupt; restore it (it says where node {node!r}'s "
+                          "ledger lives)") from exc
+
+
+def _write_marker(marker: Path, node: str, ledger: Path, created: str) -> None:
+    try:
+        atomic_write_bytes(marker, json.dumps({"node": node, "ledger": str(ledger), "created": created}).encode())
+    except OSError as exc:
+        raise LedgerError(f"{marker}: cannot write the ledger marker beside the node's records ({exc.strerror})") from exc
+
+
 def _atomic_write(path: Path, data: dict[str, Any]) -> None:
+    atomic_write_bytes(path, json.dumps(data, indent=1).encode())
+
+
+def atomic_write_bytes(path: Path, payload: bytes) -> None:
+    """Write `payload` to `path` so a crash leaves either the old or the new file, durably."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=1)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(payload)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)

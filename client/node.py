@@ -16,6 +16,7 @@ from typing import Any, Mapping
 
 import pandas as pd
 
+from client.ledger import Ledger
 from core.drg import DRG_GROUPS
 from core.records import load_records
 from core.run_config import RunSettings
@@ -24,15 +25,30 @@ from core.series import demand_series
 log = logging.getLogger("fedalloc.node")
 
 
+DEFAULT_LIMITS = {"max-epsilon-per-run": 3.0, "max-epsilon-per-query": 1.0, "max-rounds-per-run": 50}
+
+
 @dataclass(frozen=True)
 class NodeSettings:
+    """A node's private settings. Limits cap what any coordinator may ask (like NVFlare's
+    site privacy.json); no run config can override them."""
+
     hospital: str
     data_path: Path
     ledger_path: Path
-    budget: float
+    budget: float | None
     delta: float
-    accountant: str
     debug_seed: int | None = None
+    max_epsilon_per_run: float = DEFAULT_LIMITS["max-epsilon-per-run"]
+    max_epsilon_per_query: float = DEFAULT_LIMITS["max-epsilon-per-query"]
+    max_rounds_per_run: int = DEFAULT_LIMITS["max-rounds-per-run"]
+    # Synthetic nodes (simulations) may keep per-run ledgers; a real node has one lifetime
+    # ledger, remembered by a marker beside its records so a deleted ledger is noticed.
+    synthetic: bool = False
+
+    @property
+    def ledger_marker(self) -> Path | None:
+        return None if self.synthetic else self.data_path.with_name(f".{self.data_path.name}.fedalloc-ledger")
 
     @classmethod
     def from_config(
@@ -53,15 +69,30 @@ class NodeSettings:
         if missing:
             raise ValueError(f"node config is missing {', '.join(missing)} (set them with --node-config)")
         data_path = Path(str(cfg["data-path"])).expanduser()
-        return cls(
+        budget = cfg.get("budget")
+        settings = cls(
             hospital=str(cfg.get("hospital") or data_path.stem.split(".")[0]),
             data_path=data_path,
             ledger_path=Path(str(cfg["ledger-path"])).expanduser(),
-            budget=float(cfg.get("budget", 3.0)),
+            budget=None if budget in (None, "") else float(budget),
             delta=float(cfg.get("delta", 1e-5)),
-            accountant=str(cfg.get("accountant", "rdp")),
             debug_seed=int(cfg["debug-seed"]) if "debug-seed" in cfg else None,
+            max_epsilon_per_run=float(cfg.get("max-epsilon-per-run", DEFAULT_LIMITS["max-epsilon-per-run"])),
+            max_epsilon_per_query=float(cfg.get("max-epsilon-per-query", DEFAULT_LIMITS["max-epsilon-per-query"])),
+            max_rounds_per_run=int(cfg.get("max-rounds-per-run", DEFAULT_LIMITS["max-rounds-per-run"])),
+            synthetic=str(cfg.get("synthetic", "false")).lower() in ("1", "true", "yes"),
         )
+        for key, value in (("max-epsilon-per-run", settings.max_epsilon_per_run),
+                           ("max-epsilon-per-query", settings.max_epsilon_per_query),
+                           ("max-rounds-per-run", settings.max_rounds_per_run)):
+            if not value > 0:
+                raise ValueError(f"node config {key} must be positive, got {value}")
+        return settings
+
+
+def open_ledger(node: NodeSettings) -> Ledger:
+    return Ledger.open(node.ledger_path, node=node.hospital, budget=node.budget, delta=node.delta,
+                       marker=node.ledger_marker)
 
 
 def series_for(node: NodeSettings, run: RunSettings) -> pd.DataFrame:
@@ -80,7 +111,8 @@ def _flwr_run_simulation_node(pid: int, run_config: dict[str, Any], run_id: str)
     """Files of virtual node `pid` under `flwr run .` in simulation (no --node-config).
 
     Synthetic hospital `pid` depends only on (seed, pid), so each virtual node writes just its
-    own file and nodes never race. Ledgers are per run: these are synthetic records.
+    own file and nodes never race. Synthetic records get per-run ledgers; files from
+    `sim-data-dir` get one lifetime ledger each in `sim-data-dir/ledgers/`.
     """
     from simulations.synthetic import SyntheticConfig, generate_hospital_records, hospital_name, write_records
 
@@ -95,8 +127,13 @@ def _flwr_run_simulation_node(pid: int, run_config: dict[str, Any], run_id: str)
             tmp = data_dir / f".{name}.{os.getpid()}.csv"
             write_records(generate_hospital_records(SyntheticConfig(seed=seed), pid), tmp)
             os.replace(tmp, path)
+    if str(run_config.get("sim-data-dir") or ""):
+        # Real files: one lifetime ledger per hospital file, whatever the run.
+        return {"data-path": str(data_dir / f"{name}.csv"), "ledger-path": str(data_dir / "ledgers" / f"{name}.json"),
+                "hospital": name}
     return {
         "data-path": str(data_dir / f"{name}.csv"),
         "ledger-path": str(data_dir / "ledgers" / f"run-{run_id}" / f"{name}.json"),
         "hospital": name,
+        "synthetic": True,
     }

@@ -22,8 +22,8 @@ import pandas as pd
 
 from client.calibration import release_sigma
 from client.ledger import Mechanism
-from client.node import NodeSettings
-from client.tasks import open_ledger
+from client.limits import OutsidePlan
+from client.node import NodeSettings, open_ledger
 from core.queries import QuerySpec, local_answer, sensitivity
 from core.records import load_records
 
@@ -44,7 +44,7 @@ class ReleasePlan:
         return self.sigma * self.sensitivity
 
     def mechanism(self) -> Mechanism:
-        return Mechanism(self.sigma, 1.0, 1, QUERY)
+        return Mechanism(self.sigma, 1.0, 1, QUERY, sensitivity=self.sensitivity)
 
 
 def plan_release(spec: QuerySpec, delta: float, accountant: str = "rdp") -> ReleasePlan:
@@ -81,6 +81,8 @@ def query_task(
     noise std actually used, σ·Δ) and ``epsilon`` (the node's total ε after this charge).
     Raises BudgetExceeded (ledger untouched) when the node cannot afford the query.
     """
+    if spec.epsilon > node.max_epsilon_per_query:
+        raise OutsidePlan(f"query asks ε {spec.epsilon} > this node's max-epsilon-per-query {node.max_epsilon_per_query}")
     exact = local_answer(node_records(node), spec)
     ledger = open_ledger(node)
     plan = plan_release(spec, ledger.delta, ledger.accountant)

@@ -8,8 +8,15 @@ pyproject.toml; a test keeps the two equal.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
+
+PERIODS = ("week", "day")
+MEASURES = ("admissions", "bed_days")
+STRATEGIES = ("fedavg", "fedtrimmedavg", "krum")
+MAX_ROUNDS = 1000
+MAX_WEIGHT_BOUND = 1e4
 
 DEFAULTS: dict[str, Any] = {
     "num-server-rounds": 5,
@@ -17,6 +24,8 @@ DEFAULTS: dict[str, Any] = {
     "batch-size": 16,
     "lr": 0.2,
     "clip-norm": 1.0,
+    # Largest |parameter| a node accepts in a global model (public, part of the run plan).
+    "weight-bound": 100.0,
     "epsilon": 3.0,
     "release-share": 0.15,
     "release-blocks": 2,
@@ -54,6 +63,7 @@ class RunSettings:
     batch_size: int
     lr: float
     clip_norm: float
+    weight_bound: float
     epsilon: float
     release_share: float
     release_blocks: int
@@ -109,25 +119,55 @@ class RunSettings:
         return self.stride or (self.lags + self.horizon)
 
     def check(self) -> None:
-        if self.period not in ("week", "day"):
-            raise ValueError(f"period must be 'week' or 'day', got {self.period!r}")
-        if self.measure not in ("admissions", "bed_days"):
-            raise ValueError(f"measure must be 'admissions' or 'bed_days', got {self.measure!r}")
-        for name in ("num_server_rounds", "local_epochs", "batch_size", "lags", "horizon"):
+        """Every value checked before anything is sent or spent: one line naming key and allowed values."""
+        from core.allocation import POLICIES
+        from core.series import n_windows, period_grid
+
+        _one_of("period", self.period, PERIODS)
+        _one_of("measure", self.measure, MEASURES)
+        _one_of("strategy", self.strategy, STRATEGIES)
+        _one_of("policy", self.policy, POLICIES)
+        for name in ("num_server_rounds", "local_epochs", "batch_size", "lags", "horizon", "min_nodes"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name.replace('_', '-')} must be ≥ 1")
+                raise ValueError(f"run-config {name.replace('_', '-')} must be ≥ 1, got {getattr(self, name)}")
+        if self.num_server_rounds > MAX_ROUNDS:
+            raise ValueError(f"run-config num-server-rounds must be ≤ {MAX_ROUNDS}, got {self.num_server_rounds}")
+        for name in ("lr", "clip_norm", "los_cap", "round_timeout", "total"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"run-config {name.replace('_', '-')} must be a positive finite number, got {value}")
+        if not 0 < self.weight_bound <= MAX_WEIGHT_BOUND:
+            raise ValueError(f"run-config weight-bound must be in (0, {MAX_WEIGHT_BOUND:g}], got {self.weight_bound}")
+        if not (math.isfinite(self.epsilon) and self.epsilon > 0):
+            raise ValueError(f"run-config epsilon must be a positive finite number, got {self.epsilon}")
+        if not 0 < self.fraction_train <= 1:
+            raise ValueError(f"run-config fraction-train must be in (0, 1], got {self.fraction_train}")
+        if not 0 <= self.trim_beta < 0.5:
+            raise ValueError(f"run-config trim-beta must be in [0, 0.5), got {self.trim_beta}")
+        if self.krum_byzantine < 0:
+            raise ValueError(f"run-config krum-byzantine must be ≥ 0, got {self.krum_byzantine}")
         if self.stride and self.stride < self.lags + self.horizon:
             # Overlapping windows put one record in several examples; the ledger charges DP-SGD
-            # per example, so the per-record ε would be under-reported (DESIGN.md "Training").
+            # per example, so the per-record ε would be under-reported (docs/DESIGN.md "Training").
             raise ValueError(
-                f"stride {self.stride} < lags+horizon = {self.lags + self.horizon}: overlapping windows "
+                f"run-config stride {self.stride} < lags+horizon = {self.lags + self.horizon}: overlapping windows "
                 "need group-privacy accounting, which fedalloc does not do; use disjoint windows (stride 0)")
         if self.release_blocks < 1 or self.lags % self.release_blocks:
-            raise ValueError(f"release-blocks must divide lags={self.lags}, got {self.release_blocks}")
+            raise ValueError(f"run-config release-blocks must divide lags={self.lags}, got {self.release_blocks}")
         if not 0 < self.release_share < 1:
-            raise ValueError("release-share must be in (0, 1)")
-        if self.epsilon <= 0:
-            raise ValueError("epsilon must be positive")
+            raise ValueError(f"run-config release-share must be in (0, 1), got {self.release_share}")
+        try:
+            grid = period_grid(self.start, self.cutoff, self.period)
+        except ValueError as exc:
+            raise ValueError(f"run-config start/cutoff: {exc}") from None
+        if n_windows(len(grid), self.lags, self.horizon, self.stride or None) < 1:
+            raise ValueError(f"run-config start..cutoff holds {len(grid)} {self.period}s, fewer than "
+                             f"lags+horizon = {self.lags + self.horizon}: no training window fits")
+
+
+def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"run-config {key} {value!r} is not allowed; choose one of {', '.join(allowed)}")
 
 
 def _coerce(key: str, value: Any, kind: type) -> Any:
@@ -139,3 +179,23 @@ def _coerce(key: str, value: Any, kind: type) -> Any:
         return kind(value)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"run-config {key}: cannot read {value!r} as {kind.__name__}") from exc
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What Opacus does for N examples: Poisson rate q = 1/#batches, #batches steps per epoch."""
+
+    sample_rate: float
+    steps: int
+
+
+def plan_steps(n_examples: int, batch_size: int, epochs: int) -> StepPlan:
+    batches = max(math.ceil(n_examples / batch_size), 1)
+    return StepPlan(sample_rate=1.0 / batches, steps=batches * epochs)
+
+
+def public_examples(run: RunSettings, n_groups: int) -> int:
+    """Training examples of every node: windows of the public date grid × groups (no data)."""
+    from core.series import n_windows, period_grid
+
+    return n_windows(len(period_grid(run.start, run.cutoff, run.period)), run.lags, run.horizon, run.stride or None) * n_groups

@@ -97,8 +97,9 @@ def demand_series(
       * ``"bed_days"``: ``min(length_of_stay, los_cap)`` summed on the *admission* period. The
         whole (clipped) stay is booked to the period the patient was admitted in rather than
         spread over the days occupied, so one record still touches exactly one cell and its
-        effect is bounded by ``los_cap``. Needs ``length_of_stay`` on every record that lands in
-        the grid; ``ValueError`` otherwise.
+        effect is bounded by ``los_cap``. A record without ``length_of_stay`` counts as
+        ``los_cap`` (so one record can never turn an answer into an error); without the column
+        at all, ``ValueError``.
     """
     groups = list(groups)
     if len(set(groups)) != len(groups):
@@ -122,9 +123,9 @@ def demand_series(
             if "length_of_stay" not in records.columns:
                 raise ValueError("measure 'bed_days' needs a length_of_stay column")
             los = pd.to_numeric(records["length_of_stay"]).to_numpy(dtype=np.float64)[keep]
-            if np.isnan(los).any():
-                raise ValueError("measure 'bed_days' needs length_of_stay on every record in range")
-            weights = np.clip(los, 0.0, los_cap)
+            # A missing stay counts as the cap: a per-record rule, so whether a node can answer
+            # never depends on one record, and one record still moves one cell by ≤ los_cap.
+            weights = np.clip(np.where(np.isnan(los), los_cap, los), 0.0, los_cap)
         flat = t[keep] * n_g + g[keep]
         values = np.bincount(flat, weights=weights, minlength=n_t * n_g).astype(np.float64)
     return pd.DataFrame(values.reshape(n_t, n_g), index=grid, columns=groups)

@@ -128,7 +128,7 @@ def query_command(
         if not files:
             _fail(f"{data}: no records files matching {pattern!r}")
         ledger_dir = ledgers if ledgers is not None else data / "ledgers"
-        result = _run(spec, files, ledger_dir, budget, delta, level, mean_interval.value)
+        result = _run(spec, files, ledger_dir, budget, delta, level, mean_interval.value, synthetic=tmp is not None and data == Path(tmp))
 
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=1))
@@ -138,7 +138,7 @@ def query_command(
         raise typer.Exit(code=EXIT_NO_ANSWER)
 
 
-def _run(spec, files, ledger_dir, budget, delta, level, mean_interval):  # type: ignore[no-untyped-def]
+def _run(spec, files, ledger_dir, budget, delta, level, mean_interval, synthetic=False):  # type: ignore[no-untyped-def]
     from client.app import make_app
     from server.queries import run_query
     from simulations.inprocess import InProcessGrid
@@ -147,7 +147,7 @@ def _run(spec, files, ledger_dir, budget, delta, level, mean_interval):  # type:
     for f in files:
         name = f.name.split(".")[0]
         configs.append({"data-path": str(f), "ledger-path": str(ledger_dir / f"{name}.json"),
-                        "hospital": name, "budget": budget, "delta": delta})
+                        "hospital": name, "budget": budget, "delta": delta, "synthetic": synthetic})
     grid = InProcessGrid(make_app(), configs)
     return run_query(grid, spec, timeout=None, level=level, mean_interval=mean_interval)
 

@@ -12,12 +12,21 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 console = Console()
+err_console = Console(stderr=True)
+
+
+def fail(message: str, code: int = 2) -> None:
+    """One line on stderr, non-zero exit: what went wrong and, where it helps, what is allowed."""
+    err_console.print(f"fedalloc: error: {message}", markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
 
 
 def simulate_command(
     hospitals: int = typer.Option(10, help="Synthetic hospitals to generate (ignored with --data)."),
     rounds: int = typer.Option(5, help="Federated training rounds."),
-    epsilon: float = typer.Option(3.0, help="ε each node may spend in this run (and its lifetime budget)."),
+    epsilon: float = typer.Option(3.0, help="ε each node may spend in this run."),
+    budget: Optional[float] = typer.Option(None, help="Each node's lifetime ε budget (synthetic: default --epsilon; "
+                                           "--data: the budget recorded in DATA/ledgers, or 3.0 for a new ledger)."),
     data: Optional[Path] = typer.Option(None, "--data", help="Directory with one encounter-records file per hospital."),
     resources: Optional[Path] = typer.Option(None, "--resources", help="CSV with hospital,resources (R_i)."),
     total: float = typer.Option(1000.0, help="A_total to allocate."),
@@ -33,14 +42,16 @@ def simulate_command(
     resume: bool = typer.Option(False, "--resume", help="Continue run --name from its last checkpoint (keeps its nodes and ledgers)."),
 ) -> None:
     """Run a whole federation locally: DP training, D_i release, allocation."""
-    from simulations.driver import InvalidNodeFiles, simulate
+    from simulations.driver import InvalidNodeFiles, check_request, simulate
 
     if data is not None and not data.is_dir():
-        console.print(f"[red]--data {data}: not a directory[/red]")
-        raise typer.Exit(2)
-    if resume and not name:
-        console.print("[red]--resume needs --name of the run to continue[/red]")
-        raise typer.Exit(2)
+        fail(f"--data {data}: not a directory")
+    overrides = {"total": total, "policy": policy, "strategy": strategy, "start": start, "cutoff": cutoff}
+    try:
+        check_request(hospitals=hospitals, rounds=rounds, epsilon=epsilon, data_dir=data, engine=engine,
+                      results_dir=str(out), run_name=name, seed=seed, overrides=overrides, resume=resume, secagg=secagg)
+    except ValueError as exc:  # a request that cannot succeed: refused before anything is spent
+        fail(str(exc))
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} rounds"),
                   TimeElapsedColumn(), console=console) as progress:
         task = progress.add_task("federated DP training", total=rounds)
@@ -54,15 +65,18 @@ def simulate_command(
 
         try:
             outcome = simulate(
-                hospitals=hospitals, rounds=rounds, epsilon=epsilon, data_dir=data, resources=resources,
+                hospitals=hospitals, rounds=rounds, epsilon=epsilon, budget=budget, data_dir=data, resources=resources,
                 engine=engine, results_dir=str(out), run_name=name, seed=seed, on_round=on_round, resume=resume, secagg=secagg,
-                overrides={"total": total, "policy": policy, "strategy": strategy, "start": start, "cutoff": cutoff},
+                overrides=overrides,
             )
         except InvalidNodeFiles as exc:
             progress.stop()
             console.print("[red]invalid node files, nothing was run:[/red]")
             console.print(str(exc), markup=False, highlight=False)
             raise typer.Exit(2)
+        except ValueError as exc:  # a request that cannot succeed: refused before anything is spent
+            progress.stop()
+            fail(str(exc))
     if outcome.error:
         console.print(f"[red]run failed: {outcome.error}[/red]")
         console.print(f"details in {outcome.path}/metrics.json")

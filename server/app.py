@@ -7,6 +7,7 @@ message audit first; a round with too few contributing nodes stops the run with 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from flwr.serverapp import Grid, ServerApp
 from client.model import build_model
 from core.allocation import allocate
 from core.drg import DRG_GROUPS
-from core.run_config import RunSettings
+from core.run_config import RunSettings, plan_steps, public_examples
 from server.audit import AuditingGrid, MessageAudit
 from server.results import load_arrays, rounds_frame, run_dir, save_arrays, write_json
 from server.strategy import RoundFailed, make_strategy
@@ -84,6 +85,14 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout: float, poll: float = 1.0) 
         time.sleep(poll)
 
 
+def public_plan(run: RunSettings) -> dict[str, float]:
+    """What every honest node's reply must say, computed from public values only."""
+    examples = public_examples(run, len(DRG_GROUPS))
+    steps = plan_steps(examples, run.batch_size, run.local_epochs)
+    return {"examples": examples, "sample_rate": steps.sample_rate, "steps": steps.steps,
+            "weight_bound": run.weight_bound, "run_epsilon": run.epsilon}
+
+
 def run_federation(
     grid: Grid,
     run: RunSettings,
@@ -92,10 +101,12 @@ def run_federation(
     resume: bool = False,
 ) -> RunOutcome:
     name = run.run_name or datetime.now().strftime("run-%Y%m%d-%H%M%S")
+    # Nodes key their run plan and ledger entries by this public name, so it must be sent.
+    run = dataclasses.replace(run, run_name=name)
     out = RunOutcome(path=run_dir(run.results_dir, name))
     model = build_model(run.lags, run.horizon, len(DRG_GROUPS), seed=run.seed)
     arrays = ArrayRecord(model.state_dict())
-    audit = MessageAudit.for_arrays(arrays)
+    audit = MessageAudit.for_arrays(arrays, public_plan(run))
     grid = AuditingGrid(grid, audit)
     strategy = make_strategy(run)
     ckpt = out.path / "checkpoint.npz"

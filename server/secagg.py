@@ -26,6 +26,7 @@ before quantisation, default 8.0).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -201,6 +202,7 @@ def run_secagg_federation(
     """N SecAgg+ FedAvg rounds, then the normal predict round and allocation."""
     secagg = secagg or SecAggSettings()
     name = run.run_name or datetime.now().strftime("run-%Y%m%d-%H%M%S")
+    run = dataclasses.replace(run, run_name=name)  # nodes key their run plan by this name
     out = RunOutcome(path=run_dir(run.results_dir, name))
     model = build_model(run.lags, run.horizon, len(DRG_GROUPS), seed=run.seed)
     initial = ArrayRecord(model.state_dict())

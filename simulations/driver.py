@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -26,6 +25,8 @@ from core.series import demand_series, period_grid
 from simulations.synthetic import SyntheticConfig, generate
 
 RECORD_SUFFIXES = (".csv", ".csv.gz", ".parquet", ".pq")
+ENGINES = ("ray", "inprocess")
+SECAGG_MIN_NODES = 3
 NOT_RECORDS = {"hospitals", "resources"}
 
 
@@ -41,6 +42,9 @@ def _quiet_logs() -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    from simulations.ray_local import quiet_known_noise
+
+    quiet_known_noise()  # Flower lines known not to apply to us (deprecation notice, skipped evaluation)
 
 
 def record_files(data_dir: Path) -> list[Path]:
@@ -75,19 +79,30 @@ def _stem(p: Path) -> str:
     return p.name.split(".")[0]
 
 
+def lifetime_ledger(data_file: Path) -> Path:
+    """Where the node of a researcher's own records file keeps its one lifetime ledger.
+
+    `simulate --data`, `sweep --data` and `query --data` all use this path, so every command
+    spends the same budget for the same hospital file.
+    """
+    return data_file.resolve().parent / "ledgers" / f"{_stem(data_file)}.json"
+
+
 def prepare_nodes(
     run_path: Path,
     *,
     hospitals: int,
     seed: int,
-    budget: float,
+    budget: float | None,
     data_dir: Path | None = None,
     resources: Path | None = None,
     debug_seed: int | None = None,
+    limits: Mapping[str, Any] | None = None,
 ) -> SimNodes:
-    """Node configs with one records file and one fresh ledger per hospital."""
+    """Node configs: synthetic hospitals get per-run ledgers, real files their lifetime ledger."""
     nodes_dir = run_path / "nodes"
-    if data_dir is None:
+    synthetic = data_dir is None
+    if synthetic:
         data_dir = nodes_dir
         table = generate(SyntheticConfig(hospitals=hospitals, seed=seed), data_dir)
         resources = data_dir / "hospitals.csv"
@@ -97,16 +112,26 @@ def prepare_nodes(
         check_records(files)
     configs = []
     for f in files:
-        cfg: dict[str, Any] = {
-            "data-path": str(f.resolve()),
-            "ledger-path": str((nodes_dir / "ledgers" / f"{_stem(f)}.json").resolve()),
-            "hospital": _stem(f),
-            "budget": float(budget),
-        }
+        ledger = (nodes_dir / "ledgers" / f"{_stem(f)}.json").resolve() if synthetic else lifetime_ledger(f)
+        cfg: dict[str, Any] = {"data-path": str(f.resolve()), "ledger-path": str(ledger), "hospital": _stem(f),
+                               **dict(limits or {})}
+        if budget is not None:
+            cfg["budget"] = float(budget)
+        if synthetic:
+            cfg["synthetic"] = True
         if debug_seed is not None:
             cfg["debug-seed"] = debug_seed
         configs.append(cfg)
     return SimNodes(configs, str(Path(resources).resolve()) if resources else "")
+
+
+def check_federation_size(n_nodes: int, run: RunSettings, secagg: bool = False) -> None:
+    """A federation that can never assemble fails now, not after the round timeout."""
+    if n_nodes < run.min_nodes:
+        raise ValueError(f"{n_nodes} hospital(s) but run-config min-nodes is {run.min_nodes}; "
+                         f"use at least {run.min_nodes} hospitals or lower min-nodes")
+    if secagg and n_nodes < SECAGG_MIN_NODES:
+        raise ValueError(f"secure aggregation needs at least {SECAGG_MIN_NODES} hospitals, got {n_nodes}")
 
 
 def true_demand(node_configs: list[Mapping[str, Any]], run: RunSettings) -> pd.DataFrame:
@@ -119,6 +144,42 @@ def true_demand(node_configs: list[Mapping[str, Any]], run: RunSettings) -> pd.D
                                measure=run.measure, los_cap=run.los_cap, groups=DRG_GROUPS)
         rows.append({"hospital": cfg["hospital"], "true_demand": float(series.to_numpy().sum())})
     return pd.DataFrame(rows)
+
+
+def check_request(
+    *,
+    hospitals: int,
+    rounds: int,
+    epsilon: float,
+    data_dir: Path | None,
+    engine: str,
+    results_dir: str,
+    run_name: str | None,
+    seed: int,
+    overrides: Mapping[str, Any] | None,
+    resume: bool,
+    secagg: bool,
+) -> tuple[str, Path, dict[str, Any]]:
+    """Refuse, with one line naming the setting, a request that cannot succeed — before any node
+    file is written or any ε spent. Returns the run name, its folder and its run config."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine {engine!r} is not allowed; choose one of {', '.join(ENGINES)}")
+    if resume and not run_name:
+        raise ValueError("resume needs the name of the run to continue")
+    if resume and secagg:
+        raise ValueError("resume is not supported with secure aggregation")
+    name = run_name or datetime.now().strftime("sim-%Y%m%d-%H%M%S")
+    run_path = Path(results_dir).expanduser().resolve() / name
+    settings = {"num-server-rounds": rounds, "epsilon": epsilon, "results-dir": str(run_path.parent),
+                "run-name": name, "seed": seed, **(overrides or {})}
+    run = RunSettings.from_mapping(settings)
+    n_nodes = hospitals if data_dir is None else len(record_files(Path(data_dir)))
+    check_federation_size(n_nodes, run, secagg)
+    if run_path.exists() and not resume:
+        raise ValueError(f"run {name!r} already exists in {run_path.parent}; choose another --name or --resume it")
+    if resume and not run_path.exists():
+        raise ValueError(f"no run {name!r} in {run_path.parent} to resume")
+    return name, run_path, settings
 
 
 def simulate(
@@ -149,31 +210,22 @@ def simulate(
     files and ledgers under `<run>/nodes/` (and, in process, the same run id), so their σ plan and
     ε accounting carry on where the crashed coordinator left them.
     """
+    name, run_path, settings = check_request(
+        hospitals=hospitals, rounds=rounds, epsilon=epsilon, data_dir=data_dir, engine=engine,
+        results_dir=results_dir, run_name=run_name, seed=seed, overrides=overrides, resume=resume, secagg=secagg)
+
     from client.app import make_app as make_client_app
     from server.app import make_app as make_server_app, run_federation
 
     _quiet_logs()
-    if resume and not run_name:
-        raise ValueError("resume needs the name of the run to continue")
-    name = run_name or datetime.now().strftime("sim-%Y%m%d-%H%M%S")
-    run_path = Path(results_dir).expanduser().resolve() / name
-    if (run_path / "nodes").exists() and not resume:
-        shutil.rmtree(run_path / "nodes")  # a re-used run name starts from fresh synthetic nodes
-    nodes = prepare_nodes(run_path, hospitals=hospitals, seed=seed, budget=budget or epsilon,
-                          data_dir=data_dir, resources=resources)
-    settings = {
-        "num-server-rounds": rounds,
-        "epsilon": epsilon,
-        "results-dir": str(run_path.parent),
-        "run-name": name,
-        "seed": seed,
-        "resources-file": nodes.resources_file,
-        **(overrides or {}),
-    }
+    # The researcher operates every node here, so the nodes' own limits are this request.
+    limits = {"max-epsilon-per-run": epsilon, "max-rounds-per-run": rounds}
+    nodes = prepare_nodes(run_path, hospitals=hospitals, seed=seed,
+                          budget=(budget or epsilon) if data_dir is None else budget,
+                          data_dir=data_dir, resources=resources, limits=limits)
+    settings["resources-file"] = nodes.resources_file
     run = RunSettings.from_mapping(settings)
     if secagg:
-        if resume:
-            raise ValueError("resume is not supported with secure aggregation")
         from client.secagg import make_secagg_app
         from server.secagg import make_secagg_server_app, run_secagg_federation
 
@@ -188,22 +240,19 @@ def simulate(
 
         grid = InProcessGrid(client_app or make_client_app(), nodes.node_configs, drop=drop)
         outcome = run_federation(grid, run, on_round=on_round, resume=resume)
-    elif engine == "ray":
-        from flwr.simulation import run_simulation
+    else:
+        from simulations.ray_local import run_ray_simulation  # loopback-only Ray, Ctrl-C stops it
 
         results: list[Any] = []
         sim_nodes = dict(enumerate(nodes.node_configs))
-        run_simulation(
+        run_ray_simulation(
             server_app=make_server_app(settings, on_round=on_round, outcome=results, resume=resume),
             client_app=client_app or make_client_app(sim_nodes),
             num_supernodes=len(nodes.node_configs),
-            backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": os.cpu_count() or 2, "logging_level": "ERROR", "log_to_driver": False}},
         )
         if not results:
             raise RuntimeError("the simulation ended without a result; see the log above")
         outcome = results[0]
-    else:
-        raise ValueError(f"engine must be 'ray' or 'inprocess', got {engine!r}")
     if outcome.allocations is not None:
         truth = true_demand(nodes.node_configs, run)
         fc = outcome.allocations[["hospital", "demand"]].rename(columns={"demand": "released_demand"})

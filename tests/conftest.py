@@ -31,6 +31,8 @@ def node_configs(sim_data: Path, tmp_path: Path) -> list[dict]:
             "ledger-path": str(tmp_path / "ledgers" / f"hospital_{i:03d}.json"),
             "hospital": f"hospital_{i:03d}",
             "budget": 3.0,
+            # shared synthetic files with a fresh ledger per test: per-run ledgers, no lifetime marker
+            "synthetic": True,
         }
         for i in range(4)
     ]

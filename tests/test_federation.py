@@ -124,7 +124,7 @@ def test_budget_exhausted_node_refuses_and_sends_nothing(node_configs, run_setti
 def test_dropouts_still_complete_and_are_reported(sim_data, tmp_path, run_settings):
     configs = [
         {"data-path": str(sim_data / f"hospital_{i % 4:03d}.csv"), "ledger-path": str(tmp_path / f"l{i}.json"),
-         "hospital": f"hospital_{i % 4:03d}" if i < 4 else f"copy_{i}", "budget": 3.0}
+         "hospital": f"hospital_{i % 4:03d}" if i < 4 else f"copy_{i}", "budget": 3.0, "synthetic": True}
         for i in range(10)
     ]
     run = run_settings(**{"num-server-rounds": 3, "min-nodes": 3, "resources-file": ""})
@@ -189,9 +189,10 @@ def test_coordinator_cannot_redirect_a_node_or_fix_its_noise(node_configs, run_s
         with pytest.raises(ValueError, match="unknown run-config key"):
             RunSettings.from_mapping({key: "x"})
     run = run_settings()
-    node = NodeSettings.from_config(node_configs[0])
+    node = NodeSettings.from_config({**node_configs[0], "budget": 6.0, "max-epsilon-per-run": 3.0})
     state = build_model(run.lags, run.horizon, 12).state_dict()
-    a, _ = train_task(state, run, node, "r-a", 1)
-    b, _ = train_task(state, run, node, "r-b", 1)
+    # two runs (nodes know runs by name; the same round of one run would get its stored update)
+    a, _ = train_task(state, run_settings(run_name="r-a"), node, "1", 1)
+    b, _ = train_task(state, run_settings(run_name="r-b"), node, "2", 1)
     # same data, model and σ: only fresh OS-entropy noise (and Poisson batches) differ
     assert any(not np.allclose(a[k].numpy(), b[k].numpy()) for k in a)

@@ -50,12 +50,13 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _node(data_dir: Path, tmp: Path, i: int = 0, budget: float = 3.0) -> NodeSettings:
     return NodeSettings.from_config({"data-path": str(data_dir / f"hospital_{i:03d}.csv"),
                                      "ledger-path": str(tmp / f"ledger_{i}.json"),
-                                     "hospital": f"hospital_{i:03d}", "budget": budget})
+                                     "hospital": f"hospital_{i:03d}", "budget": budget, "synthetic": True})
 
 
 def _configs(data_dir: Path, tmp: Path, budgets=(3.0, 3.0, 3.0)) -> list[dict]:
     return [{"data-path": str(data_dir / f"hospital_{i:03d}.csv"), "ledger-path": str(tmp / f"h{i}.json"),
-             "hospital": f"hospital_{i:03d}", "budget": b, "debug-seed": 11 + i} for i, b in enumerate(budgets)]
+             "hospital": f"hospital_{i:03d}", "budget": b, "debug-seed": 11 + i,
+             "synthetic": True} for i, b in enumerate(budgets)]
 
 
 def _truth(records: list[pd.DataFrame], spec: QuerySpec) -> np.ndarray:

@@ -20,7 +20,6 @@ from client.app import make_app
 from client.ledger import Ledger
 from server.app import run_federation
 from simulations.inprocess import InProcessGrid
-from tests.test_robustness import fast_accountant  # noqa: F401  (autouse: memoised accountant)
 
 RUN_ID = 7
 

@@ -22,29 +22,6 @@ from core.drg import DRG_GROUPS
 from server.app import run_federation
 from simulations.inprocess import InProcessGrid, random_dropout
 
-# compute_epsilon (Opacus RDP at fractional orders) is ~0.2 s a call and σ calibration makes dozens
-# per node per run: it dominated these tests (≈ 30 s per 5-node round on 2 loaded cores). It is a
-# pure function of (history, δ, accountant), so the tests memoise it; results are unchanged.
-_EPS_CACHE: dict = {}
-
-
-@pytest.fixture(autouse=True)
-def fast_accountant(monkeypatch):
-    import client.calibration
-    import client.ledger
-
-    real = client.ledger.compute_epsilon
-
-    def cached(history, delta, accountant="rdp"):
-        key = (tuple((float(s), float(q), int(n)) for s, q, n in history), float(delta), accountant)
-        if key not in _EPS_CACHE:
-            _EPS_CACHE[key] = real(history, delta, accountant)
-        return _EPS_CACHE[key]
-
-    monkeypatch.setattr(client.ledger, "compute_epsilon", cached)
-    monkeypatch.setattr(client.calibration, "compute_epsilon", cached)
-
-
 ATTACKER = 1005  # InProcessGrid numbers nodes 1001.. in config order: the 5th config
 SCALE = 1000.0
 
@@ -155,7 +132,7 @@ def test_dropouts_listed_per_round_in_metrics(sim_data, tmp_path, run_settings):
     """30 % random dropout, 10 nodes, min-nodes 3: 3 rounds complete and metrics.json names who dropped."""
     configs = [
         {"data-path": str(sim_data / f"hospital_{i % 4:03d}.csv"), "ledger-path": str(tmp_path / f"l{i}.json"),
-         "hospital": f"hospital_{i % 4:03d}" if i < 4 else f"copy_{i}", "budget": 3.0}
+         "hospital": f"hospital_{i % 4:03d}" if i < 4 else f"copy_{i}", "budget": 3.0, "synthetic": True}
         for i in range(10)
     ]
     dropped: dict[int, set[int]] = {}

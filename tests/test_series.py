@@ -111,14 +111,15 @@ def test_bed_days_clip_at_cap_on_admission_period():
     assert s.to_numpy().tolist() == [[33.0, 0.0], [0.0, 0.0]]  # 45-day stay booked as 30, in week 0
 
 
-def test_bed_days_needs_los():
-    recs = records([("2023-01-02", "cardiac", np.nan)])
-    with pytest.raises(ValueError):
-        demand_series(recs, start="2023-01-02", end="2023-01-09", measure="bed_days")
+def test_bed_days_missing_los_counts_as_the_cap():
+    """A record without LOS must not turn the node's answer into an error (a one-record side channel)."""
+    recs = records([("2023-01-02", "cardiac", np.nan), ("2023-01-03", "cardiac", 2)])
+    s = demand_series(recs, start="2023-01-02", end="2023-01-09", measure="bed_days", los_cap=14, groups=["cardiac"])
+    assert s["cardiac"].tolist() == [16.0]
     with pytest.raises(ValueError):
         demand_series(recs.drop(columns="length_of_stay"), start="2023-01-02", end="2023-01-09", measure="bed_days")
     # admissions do not need LOS at all
-    assert demand_series(recs, start="2023-01-02", end="2023-01-09").to_numpy().sum() == 1
+    assert demand_series(recs, start="2023-01-02", end="2023-01-09").to_numpy().sum() == 2
 
 
 def test_bad_arguments():

@@ -1,0 +1,33 @@
+"""What node and coordinator agree on: error codes and phrases, reply keys.
+
+Both sides import this module, so the coordinator never imports node code to know what a node
+may send (docs/DESIGN.md, "What crosses the wire").
+"""
+
+from __future__ import annotations
+
+# Fixed error phrases a node may send; details stay in the node's own log.
+ERRORS: dict[str, tuple[int, str]] = {
+    "records": (4001, "records invalid"),
+    "budget": (4002, "budget exhausted"),
+    "ledger": (4003, "ledger unusable"),
+    "config": (4004, "configuration invalid"),
+    "internal": (4005, "node failure"),
+    "limits": (4006, "request outside node limits or run plan"),
+    "model": (4007, "global model refused"),
+}
+
+# Metric keys of replies.
+NUM_EXAMPLES = "num-examples"
+EPSILON = "epsilon"
+NOISE_MULTIPLIER = "noise-multiplier"
+SAMPLE_RATE = "sample-rate"
+STEPS = "steps"
+RELEASE_NOISE = "release-noise"
+DEMAND = "demand"
+HOSPITAL = "hospital"
+QUERY_ANSWER = "query-answer-"
+
+
+def demand_key(group: str) -> str:
+    return f"{DEMAND}-{group}"
