@@ -5,16 +5,17 @@ Input columns: ``hospital,demand,resources`` (required), optional ``cap``, ``flo
 drg_budget policy. A blank ``cap`` means uncapped and a blank ``floor`` means 0; every other value
 must be a finite number >= 0. Unknown extra columns are ignored.
 
-Every problem is reported as one line naming the file, the CSV line (header = line 1) and the
-column, so a coordinator can fix the file without reading a traceback. Line numbers assume no
-quoted field spans several lines, which the format never needs.
+Every problem in the file is reported, each as one line naming the file, the CSV line
+(header = line 1) and the column, so a coordinator can fix the whole file in one pass without
+reading a traceback. Line numbers assume no quoted field spans several lines, which the format
+never needs.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,19 +28,39 @@ GROUP_PREFIX = "demand_"
 _BLANK_DEFAULT = {"cap": np.inf, "floor": 0.0}
 
 
-class DemandFileError(ValueError):
-    """A problem in a demand CSV; the message is one line naming file, line and column."""
+@dataclass(frozen=True)
+class DemandProblem:
+    """One problem in a demand CSV: file, CSV line (header = 1) and column, when known."""
 
-    def __init__(self, path: str | os.PathLike[str], problem: str, *, line: int | None = None,
-                 column: str | None = None) -> None:
+    path: str
+    line: int | None
+    column: str | None
+    problem: str
+
+    def __str__(self) -> str:
         where = ", ".join(
             part for part in (
-                f"line {line}" if line is not None else "",
-                f"column {column!r}" if column is not None else "",
+                f"line {self.line}" if self.line is not None else "",
+                f"column {self.column!r}" if self.column is not None else "",
             ) if part
         )
-        super().__init__(f"{path}: {where}: {problem}" if where else f"{path}: {problem}")
-        self.path, self.line, self.column, self.problem = str(path), line, column, problem
+        return f"{self.path}: {where}: {self.problem}" if where else f"{self.path}: {self.problem}"
+
+
+class DemandFileError(ValueError):
+    """Problems in a demand CSV: ``problems`` lists every one found, in file order.
+
+    The message is one line per problem naming file, line and column; ``line``, ``column`` and
+    ``problem`` are those of the first.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], problem: str = "", *, line: int | None = None,
+                 column: str | None = None, problems: Sequence[DemandProblem] = ()) -> None:
+        self.problems: list[DemandProblem] = list(problems) or [
+            DemandProblem(str(path), line, column, problem)]
+        first = self.problems[0]
+        self.path, self.line, self.column, self.problem = str(path), first.line, first.column, first.problem
+        super().__init__("\n".join(str(p) for p in self.problems))
 
 
 @dataclass(frozen=True)
@@ -64,7 +85,28 @@ def _short(value: str, limit: int = 40) -> str:
     return repr(value if len(value) <= limit else value[: limit - 1] + "…")
 
 
-def _numeric(path: str, frame: pd.DataFrame, lines: np.ndarray, column: str) -> np.ndarray:
+class _Problems:
+    """The problems of one file, reported in file order (line, then column position)."""
+
+    def __init__(self, path: str, columns: Sequence[str]) -> None:
+        self.path = path
+        self.order: dict[str, int] = {}
+        for c in columns:
+            self.order.setdefault(c, len(self.order))
+        self.items: list[DemandProblem] = []
+
+    def add(self, problem: str, *, line: int | None = None, column: str | None = None) -> None:
+        self.items.append(DemandProblem(self.path, line, column, problem))
+
+    def raise_if_any(self) -> None:
+        if self.items:
+            # File-level problems first, then top-down and left to right, as a reader would fix them.
+            ranked = sorted(self.items, key=lambda p: (p.line or 0, self.order.get(p.column or "", -1)))
+            raise DemandFileError(self.path, problems=ranked)
+
+
+def _numeric(frame: pd.DataFrame, lines: np.ndarray, column: str, problems: _Problems) -> np.ndarray:
+    """The column as float64; every bad cell is added to `problems` (and reads as NaN)."""
     text = frame[column].str.strip()
     values = np.array(pd.to_numeric(text, errors="coerce"), dtype=np.float64)  # writable copy
     blank = (text == "").to_numpy()
@@ -72,11 +114,12 @@ def _numeric(path: str, frame: pd.DataFrame, lines: np.ndarray, column: str) -> 
     if default is not None:
         values[blank] = default
     allow_inf = column == "cap"
-    bad = np.isnan(values) | (values < 0) | (~allow_inf & np.isinf(values))
+    bad = np.isnan(values) | (values < 0)
+    if not allow_inf:
+        bad |= np.isinf(values)
     if default is None:
         bad |= blank
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
+    for i in np.flatnonzero(bad):
         raw = str(text.iloc[i])
         if raw == "":
             problem = "empty value"
@@ -86,14 +129,18 @@ def _numeric(path: str, frame: pd.DataFrame, lines: np.ndarray, column: str) -> 
             problem = f"must be finite ({_short(raw)})"
         else:
             problem = f"must be >= 0 ({_short(raw)})"
-        raise DemandFileError(path, problem, line=int(lines[i]), column=column)
+        problems.add(problem, line=int(lines[i]), column=column)
+    values[bad] = np.nan
     return values
 
 
 def read_demand_csv(
     path: str | os.PathLike[str], *, known_groups: Collection[str] | None = None
 ) -> DemandTable:
-    """Read and validate a demand CSV; raise DemandFileError on the first problem.
+    """Read and validate a demand CSV; raise DemandFileError listing every problem found.
+
+    A file that cannot be read as CSV at all is one problem; otherwise every missing column and
+    every bad cell is reported, each with its line and column.
 
     With `known_groups` (drg_budget), every ``demand_<group>`` column must name a known group and
     at least one must be present; otherwise group columns are read only if present.
@@ -115,57 +162,57 @@ def read_demand_csv(
         raise DemandFileError(p, "not UTF-8 text") from None
 
     frame.columns = [str(c).strip() for c in frame.columns]
+    problems = _Problems(p, [*frame.columns, *REQUIRED_COLUMNS])
     for col in REQUIRED_COLUMNS:
         if col not in frame.columns:
-            raise DemandFileError(p, f"missing required column (have: {', '.join(frame.columns)})",
-                                  line=1, column=col)
+            problems.add(f"missing required column (have: {', '.join(frame.columns)})", line=1, column=col)
     lines = np.arange(2, len(frame) + 2)
     filled = (frame != "").any(axis=1).to_numpy()
     frame, lines = frame.loc[filled].reset_index(drop=True), lines[filled]
     if len(frame) == 0:
-        raise DemandFileError(p, "no hospital rows after the header")
+        problems.add("no hospital rows after the header")
+        problems.raise_if_any()
 
-    hospital = frame["hospital"].str.strip()
-    empty = (hospital == "").to_numpy()
-    if empty.any():
-        i = int(np.flatnonzero(empty)[0])
-        raise DemandFileError(p, "empty value", line=int(lines[i]), column="hospital")
-    dup = hospital.duplicated().to_numpy()
-    if dup.any():
-        i = int(np.flatnonzero(dup)[0])
-        first = int(lines[int(np.flatnonzero((hospital == hospital.iloc[i]).to_numpy())[0])])
-        raise DemandFileError(p, f"duplicate hospital {_short(hospital.iloc[i])} (first on line {first})",
-                              line=int(lines[i]), column="hospital")
+    hospital = frame["hospital"].str.strip() if "hospital" in frame.columns else None
+    if hospital is not None:
+        for i in np.flatnonzero((hospital == "").to_numpy()):
+            problems.add("empty value", line=int(lines[i]), column="hospital")
+        named = (hospital != "").to_numpy()
+        dup = hospital.duplicated().to_numpy() & named
+        first_line = dict(zip(hospital[named][::-1], lines[named][::-1]))  # name -> first line
+        for i in np.flatnonzero(dup):
+            problems.add(f"duplicate hospital {_short(hospital.iloc[i])} (first on line {first_line[hospital.iloc[i]]})",
+                         line=int(lines[i]), column="hospital")
 
-    demand = _numeric(p, frame, lines, "demand")
-    resources = _numeric(p, frame, lines, "resources")
-    optional = {c: _numeric(p, frame, lines, c) for c in OPTIONAL_COLUMNS if c in frame.columns}
-    if "cap" in optional and "floor" in optional:
-        crossed = optional["floor"] > optional["cap"]
-        if crossed.any():
-            i = int(np.flatnonzero(crossed)[0])
-            raise DemandFileError(p, f"floor {optional['floor'][i]} is above cap {optional['cap'][i]}",
-                                  line=int(lines[i]), column="floor")
+    numeric = {c: _numeric(frame, lines, c, problems)
+               for c in (*REQUIRED_COLUMNS[1:], *OPTIONAL_COLUMNS) if c in frame.columns}
+    if "cap" in numeric and "floor" in numeric:
+        with np.errstate(invalid="ignore"):
+            crossed = numeric["floor"] > numeric["cap"]  # False where either cell is bad (NaN)
+        for i in np.flatnonzero(crossed):
+            problems.add(f"floor {numeric['floor'][i]} is above cap {numeric['cap'][i]}",
+                         line=int(lines[i]), column="floor")
 
     group_cols = [c for c in frame.columns if c.startswith(GROUP_PREFIX) and c not in OPTIONAL_COLUMNS]
     if known_groups is not None:
-        for c in group_cols:
-            if c[len(GROUP_PREFIX):] not in known_groups:
-                raise DemandFileError(
-                    p, f"unknown DRG group {c[len(GROUP_PREFIX):]!r} (known: {', '.join(known_groups)})",
-                    line=1, column=c)
-        if not group_cols:
-            raise DemandFileError(
-                p, f"drg_budget needs per-group demand columns named {GROUP_PREFIX}<group>, "
+        unknown = [c for c in group_cols if c[len(GROUP_PREFIX):] not in known_groups]
+        for c in unknown:
+            problems.add(f"unknown DRG group {c[len(GROUP_PREFIX):]!r} (known: {', '.join(known_groups)})",
+                         line=1, column=c)
+        group_cols = [c for c in group_cols if c not in unknown]
+        if not group_cols and not unknown:
+            problems.add(
+                f"drg_budget needs per-group demand columns named {GROUP_PREFIX}<group>, "
                 f"e.g. {GROUP_PREFIX}{next(iter(known_groups), 'respiratory')}", line=1)
-    groups = None
-    if group_cols:
-        groups = pd.DataFrame({c[len(GROUP_PREFIX):]: _numeric(p, frame, lines, c) for c in group_cols})
+    groups = {c[len(GROUP_PREFIX):]: _numeric(frame, lines, c, problems) for c in group_cols}
 
+    problems.raise_if_any()
+    assert hospital is not None  # a missing column is a problem raised above
     return DemandTable(
-        path=p, hospital=hospital.to_numpy(dtype=object), demand=demand, resources=resources,
-        lines=lines, cap=optional.get("cap"), floor=optional.get("floor"),
-        demand_std=optional.get("demand_std"), group_demand=groups,
+        path=p, hospital=hospital.to_numpy(dtype=object), demand=numeric["demand"],
+        resources=numeric["resources"], lines=lines, cap=numeric.get("cap"),
+        floor=numeric.get("floor"), demand_std=numeric.get("demand_std"),
+        group_demand=pd.DataFrame(groups) if groups else None,
     )
 
 
@@ -175,7 +222,8 @@ def write_allocation_csv(table: pd.DataFrame, path: str | os.PathLike[str]) -> N
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent or ".")
     try:
         with os.fdopen(fd, "w", newline="") as fh:
-            table.to_csv(fh, index=False)
+            # One "\n" after every row, the last included, on every platform.
+            table.to_csv(fh, index=False, lineterminator="\n")
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

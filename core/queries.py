@@ -55,6 +55,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from core.drg import DRG_GROUPS
+
 STATISTICS: tuple[str, ...] = ("count", "sum", "mean")
 # Only public, low-cardinality categorical columns can be grouped by. Identifiers are excluded: a
 # per-patient histogram is DP but answers nobody's question and invites misuse.
@@ -139,6 +141,11 @@ class QuerySpec:
             if len(set(self.categories)) != len(self.categories):
                 # A repeated category would count each of its records twice: sensitivity √2, not 1.
                 raise ValueError("categories must be unique")
+            undeclared = [c for c in self.categories if c not in DRG_GROUPS]
+            if undeclared:
+                # Only the public catalogue: a made-up bin is an empty answer the node pays for.
+                raise ValueError(f"categories {', '.join(undeclared)} are not in the public catalogue "
+                                 f"({', '.join(DRG_GROUPS)})")
         elif self.categories is not None:
             raise ValueError("categories are only meaningful with group_by")
         for name in ("start", "end"):

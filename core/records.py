@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from core.drg import DRG_GROUPS
+
 REQUIRED_COLUMNS: tuple[str, ...] = ("admit_date", "drg_group")
 OPTIONAL_COLUMNS: tuple[str, ...] = ("patient_id", "length_of_stay", "cost", "age", "encounter_id")
 NUMERIC_COLUMNS: tuple[str, ...] = ("length_of_stay", "cost", "age")
@@ -50,15 +52,21 @@ _PARQUET_SUFFIXES = (".parquet", ".pq")
 
 @dataclass(frozen=True)
 class Problem:
-    """One problem in one place of a records file. ``row``/``column`` are None for file-level ones."""
+    """One problem in one place of a records file. ``row``/``column`` are None for file-level ones.
+
+    ``level`` is ``"error"`` (the node refuses the file) or ``"warning"`` (the node runs, but
+    something in the file is not used as its author probably meant; printed with a
+    ``warning:`` prefix).
+    """
 
     file: str
     row: int | None
     column: str | None
     message: str
+    level: str = "error"
 
     def __str__(self) -> str:
-        where = [self.file]
+        where = [f"warning: {self.file}" if self.level == "warning" else self.file]
         loc = ", ".join(
             part
             for part in (
@@ -368,6 +376,48 @@ def validate_records(df: pd.DataFrame, file: str) -> list[Problem]:
     cells.sort(key=lambda c: (c[0], c[1]))
     problems.extend(Problem(file, row, column, message) for row, _, column, message in cells)
     return problems
+
+
+# What a node does with a record whose group is outside the catalogue: core.series.demand_series
+# (called with groups=DRG_GROUPS by client.node) keeps only catalogue groups.
+OUT_OF_CATALOGUE_FATE = "the node drops its {n} from its demand series (no training, no D_i)"
+
+
+def _group_key(name: str) -> str:
+    return "_".join(name.lower().replace("-", " ").split())
+
+
+def catalogue_warnings(df: pd.DataFrame, file: str, groups: Iterable[str] = DRG_GROUPS) -> list[Problem]:
+    """One warning per ``drg_group`` value outside ``groups``, at the row of its first record and
+    with the number of records that carry it.
+
+    Not errors: the node accepts the file, but these records never reach its demand series
+    (see :data:`OUT_OF_CATALOGUE_FATE`), which is usually a typo worth fixing. Missing values
+    are left to :func:`validate_records`.
+    """
+    if "drg_group" not in df.columns or len(df) == 0:
+        return []
+    col = df["drg_group"]
+    present = ~_missing(col)
+    values = col.astype("str").str.strip().to_numpy()
+    known = list(groups)
+    outside = present & ~np.isin(values, known)
+    if not outside.any():
+        return []
+    rows = _row_numbers(df)
+    by_key = {_group_key(g): g for g in known}
+    names, first, counts = np.unique(values[outside], return_index=True, return_counts=True)
+    out = []
+    for name, pos, n in sorted(zip(names, first, counts), key=lambda t: t[1]):
+        guess = by_key.get(_group_key(str(name)))
+        hint = f"; did you mean {guess!r}?" if guess else ""  # last: a long line loses the hint first
+        out.append(Problem(
+            file, int(rows[np.flatnonzero(outside)[pos]]), "drg_group",
+            f"{_cell(name)} is not in the DRG catalogue: "
+            + OUT_OF_CATALOGUE_FATE.format(n=f"{n} record{'s' if n != 1 else ''}") + hint,
+            level="warning",
+        ))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from core.numeric_checks import as_scalar
 Policy = Enum("Policy", {name: name for name in POLICIES}, type=str)  # type: ignore[misc]
 
 EXIT_BAD_INPUT = 2
+MAX_LISTED = 20  # problems printed for a bad file; the rest are counted
 # Core errors name an argument and an index ("floors[3] ..."); map them back to the file's column.
 _ARG_TO_COLUMN = {"demand": "demand", "resources": "resources", "floors": "floor", "caps": "cap",
                   "demand_std": "demand_std"}
@@ -34,6 +35,19 @@ _INDEXED = re.compile(r"\b(\w+)\[(\d+)\]")
 
 def _fail(message: str) -> NoReturn:
     Console(stderr=True, soft_wrap=True).print(f"error: {message}", markup=False, highlight=False)
+    raise typer.Exit(code=EXIT_BAD_INPUT)
+
+
+def _fail_file(exc: DemandFileError) -> NoReturn:
+    """Every problem of a bad demand file, one `error:` line each (at most MAX_LISTED), then a count."""
+    err = Console(stderr=True, soft_wrap=True)
+    for problem in exc.problems[:MAX_LISTED]:
+        err.print(f"error: {problem}", markup=False, highlight=False)
+    if len(exc.problems) > MAX_LISTED:
+        err.print(f"... and {len(exc.problems) - MAX_LISTED} more", markup=False, highlight=False)
+    if len(exc.problems) > 1:
+        err.print(f"{len(exc.problems)} problems in {exc.path}; nothing allocated", markup=False,
+                  highlight=False)
     raise typer.Exit(code=EXIT_BAD_INPUT)
 
 
@@ -119,7 +133,7 @@ def allocate_command(
     try:
         data = read_demand_csv(demand_csv, known_groups=tuple(RELATIVE_WEIGHTS) if is_drg else None)
     except DemandFileError as exc:
-        _fail(str(exc))
+        _fail_file(exc)
     if quantile is not None and data.demand_std is None:
         _fail(f"{data.path}: line 1: --quantile needs a demand_std column")
 
@@ -127,6 +141,10 @@ def allocate_command(
     unused = [c for c, v in (("cap", data.cap), ("floor", data.floor)) if v is not None]
     if unused and name != "capped":
         console.print(f"note: column(s) {', '.join(unused)} only apply to --policy capped; ignored")
+    if name == "capped" and data.cap is None:
+        # Without caps the one level λ is never clipped from above: A_i = max(λ·D_i, floor_i).
+        console.print("note: no cap column; capped = proportional"
+                      + (" above the floors" if data.floor is not None else ""))
 
     amount = budget if is_drg and budget is not None else total
     kwargs: dict[str, Any] = {"integer": integer, "hospitals": data.hospital}

@@ -18,27 +18,50 @@ FORMAT_CHOICES = ("csv", "csv.gz", "parquet")
 def validate_command(
     path: Annotated[Path, typer.Argument(help="Encounter records (.csv, .csv.gz, .parquet, .pq).")],
 ) -> None:
-    """Check an encounter-records file; print every problem with its row and column."""
-    from core.records import RecordsError, load_records
+    """Check an encounter-records file; print every problem with its row and column.
+
+    Exit 1 when the node would refuse the file. Groups outside the DRG catalogue are warnings
+    (exit 0 when they are the only finding): the node accepts the file but drops those records
+    from its demand series. They are listed with the errors, in row order, when there are both.
+    """
+    from core.records import (
+        MAX_LISTED,
+        RecordsError,
+        catalogue_warnings,
+        read_records,
+        to_typed,
+        validate_records,
+    )
 
     try:
-        records = load_records(path)
+        raw = read_records(path)
     except RecordsError as err:
         typer.echo(str(err), err=True)
         typer.echo(f"INVALID: {len(err.problems)} problem(s) in {path.name}", err=True)
         raise typer.Exit(1) from None
+    errors = validate_records(raw, path.name)
+    warnings = catalogue_warnings(raw, path.name)
 
+    # Warnings (one per unknown group, so few) are never crowded out by a long list of errors.
+    shown = sorted(errors[:MAX_LISTED] + warnings[:MAX_LISTED], key=lambda p: p.row or 0)
+    hidden = len(errors) + len(warnings) - len(shown)
+    listing = [str(p) for p in shown] + ([f"... and {hidden} more"] if hidden else [])
+    if errors:
+        typer.echo("\n".join(listing), err=True)
+        tail = f", and {len(warnings)} warning(s)" if warnings else ""
+        typer.echo(f"INVALID: {len(errors)} problem(s) in {path.name}{tail}", err=True)
+        raise typer.Exit(1)
+
+    records = to_typed(raw)
     first = records["admit_date"].min().date()
     last = records["admit_date"].max().date()
     present = sorted(records["drg_group"].unique())
     typer.echo(f"OK: {len(records)} records, {first} to {last}, {len(present)} groups ({', '.join(present)})")
-    unknown = [g for g in present if g not in DRG_GROUPS]
-    if unknown:
-        # Not an error (the catalogue is configurable) but such records are ignored by the
-        # default series, which is usually a typo worth seeing.
+    if warnings:
+        outside = int((~records["drg_group"].isin(DRG_GROUPS)).sum())
+        typer.echo("\n".join(listing), err=True)
         typer.echo(
-            f"warning: {len(unknown)} group(s) not in the DRG catalogue are ignored by default: "
-            + ", ".join(unknown),
+            f"{len(warnings)} warning(s) in {path.name}: {outside} record(s) in groups outside the DRG catalogue",
             err=True,
         )
 

@@ -253,7 +253,10 @@ def finish(result: RunOutcome, outcome: list[RunOutcome] | None) -> None:
     log.info("results written to %s", result.path)
     print(f"fedalloc: results in {result.path}")
     if result.error:
+        # A clear last line for operators; `flwr run` itself exits 0 either way (deploy/README.md).
+        print(f"fedalloc: run FAILED: {result.error}")
         raise RuntimeError(result.error)
+    print("fedalloc: run OK")
 
 
 app = make_app()

@@ -214,3 +214,114 @@ def test_registered_on_main_cli() -> None:
 
     names = {c.name for c in main_app.registered_commands}
     assert "allocate" in names
+
+
+# -- every problem at once, capped note, output file format -----------------------------------
+
+MANY_BAD = (
+    "hospital,demand,resources,cap,floor\n"
+    "A,1,1,5,2\n"
+    "B,abc,1,,\n"        # line 3: demand
+    "A,2,-1,,\n"         # line 4: duplicate hospital, resources < 0
+    ",3,1,1,4\n"         # line 5: empty hospital, floor above cap
+    "C,inf,,x,\n"        # line 6: demand not finite, resources empty, cap not a number
+)
+
+
+def test_every_problem_in_the_file_is_reported(tmp_path: Path) -> None:
+    src, out = _write(tmp_path, MANY_BAD, "bad.csv"), tmp_path / "alloc.csv"
+    res = _run(src, "--total", "10", "--out", out)
+    assert res.exit_code == 2
+    lines = res.stderr.strip().splitlines()
+    expected = [
+        (3, "demand", "not a number ('abc')"),
+        (4, "hospital", "duplicate hospital 'A' (first on line 2)"),
+        (4, "resources", "must be >= 0 ('-1')"),
+        (5, "hospital", "empty value"),
+        (5, "floor", "floor 4.0 is above cap 1.0"),
+        (6, "demand", "must be finite ('inf')"),
+        (6, "resources", "empty value"),
+        (6, "cap", "not a number ('x')"),
+    ]
+    assert lines[:-1] == [f"error: {src}: line {n}, column '{c}': {p}" for n, c, p in expected]
+    assert lines[-1] == f"{len(expected)} problems in {src}; nothing allocated"
+    assert res.stdout == "" and not out.exists()
+
+
+def test_missing_column_and_bad_cells_reported_together(tmp_path: Path) -> None:
+    src = _write(tmp_path, "hospital,demand\nA,x\nB,-2\n", "bad.csv")
+    res = _run(src, "--total", "10")
+    assert res.exit_code == 2
+    err = res.stderr
+    assert f"{src}: line 1, column 'resources': missing required column" in err
+    assert f"{src}: line 2, column 'demand': not a number ('x')" in err
+    assert f"{src}: line 3, column 'demand': must be >= 0 ('-2')" in err
+    assert "3 problems in" in err
+
+
+def test_long_problem_lists_are_capped(tmp_path: Path) -> None:
+    rows = "".join(f"h{i},bad{i},1\n" for i in range(30))
+    src = _write(tmp_path, "hospital,demand,resources\n" + rows, "bad.csv")
+    res = _run(src, "--total", "10")
+    assert res.exit_code == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 22  # 20 problems, "... and 10 more", the summary
+    assert lines[0].endswith("line 2, column 'demand': not a number ('bad0')")
+    assert lines[20] == "... and 10 more"
+    assert lines[21] == f"30 problems in {src}; nothing allocated"
+
+
+def test_reader_collects_every_problem(tmp_path: Path) -> None:
+    with pytest.raises(DemandFileError) as err:
+        read_demand_csv(_write(tmp_path, MANY_BAD))
+    got = [(p.line, p.column) for p in err.value.problems]
+    assert got == [(3, "demand"), (4, "hospital"), (4, "resources"), (5, "hospital"), (5, "floor"),
+                   (6, "demand"), (6, "resources"), (6, "cap")]
+    assert (err.value.line, err.value.column) == (3, "demand")  # the first one, as before
+
+
+def test_drg_unknown_groups_and_bad_cells_together(tmp_path: Path) -> None:
+    src = _write(tmp_path, "hospital,demand,resources,demand_plastic,demand_cardiac,demand_x\nA,1,1,3,q,2\n")
+    res = _run(src, "--policy", "drg_budget", "--total", "100")
+    assert res.exit_code == 2
+    assert "line 1, column 'demand_plastic': unknown DRG group 'plastic'" in res.stderr
+    assert "line 1, column 'demand_x': unknown DRG group 'x'" in res.stderr
+    assert "line 2, column 'demand_cardiac': not a number ('q')" in res.stderr
+
+
+def test_capped_without_cap_column_says_it_is_proportional(tmp_path: Path) -> None:
+    src = _write(tmp_path, "hospital,demand,resources\nA,1,5\nB,3,1\n")
+    capped = _run(src, "--total", "100", "--policy", "capped", "--out", tmp_path / "c.csv")
+    prop = _run(src, "--total", "100", "--policy", "proportional", "--out", tmp_path / "p.csv")
+    assert capped.exit_code == 0 and prop.exit_code == 0, capped.output + prop.output
+    assert "note: no cap column; capped = proportional" in capped.stdout
+    assert "note:" not in prop.stdout
+    assert pd.read_csv(tmp_path / "c.csv")["allocation"].tolist() == pytest.approx(
+        pd.read_csv(tmp_path / "p.csv")["allocation"].tolist())
+
+
+def test_capped_with_floor_but_no_cap_says_so(tmp_path: Path) -> None:
+    src = _write(tmp_path, "hospital,demand,resources,floor\nA,1,5,40\nB,3,1,0\n")
+    res = _run(src, "--total", "100", "--policy", "capped")
+    assert res.exit_code == 0, res.output
+    assert "note: no cap column; capped = proportional above the floors" in res.stdout
+    # with a cap column there is nothing to say
+    src = _write(tmp_path, "hospital,demand,resources,cap\nA,1,5,\nB,3,1,60\n", "capped.csv")
+    res = _run(src, "--total", "100", "--policy", "capped")
+    assert res.exit_code == 0 and "no cap column" not in res.stdout
+
+
+@pytest.mark.parametrize("args", [
+    ["--total", "1000"],
+    ["--total", "1000", "--policy", "capped", "--integer"],
+    ["--total", "1000", "--policy", "proportional", "--quantile", "0.9"],
+    ["--policy", "drg_budget", "--budget", "5000"],
+])
+def test_out_csv_ends_with_one_newline(tmp_path: Path, args: list[str]) -> None:
+    src, out = _write(tmp_path, GOOD), tmp_path / "alloc.csv"
+    res = _run(src, *args, "--out", out)
+    assert res.exit_code == 0, res.output
+    data = out.read_bytes()
+    assert data.endswith(b"\n") and not data.endswith(b"\n\n")
+    assert b"\r" not in data
+    assert data.count(b"\n") == 4  # header + 3 hospitals, every line terminated

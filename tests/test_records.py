@@ -289,3 +289,39 @@ def test_reported_line_is_the_bad_line(n, data):
         p = only(problems_of(write(Path(tmp), lines)))
     assert (p.row, p.column) == (expected, "length_of_stay")
     assert lines[p.row - 1].split(",")[3] == "-5"
+
+
+# --------------------------------------------------------------------------- catalogue
+
+
+def test_catalogue_warnings_one_per_group_at_its_first_row(tmp_path):
+    from core.records import catalogue_warnings
+
+    path = write(tmp_path, ["admit_date,drg_group", "2023-01-02, cardiac ", "2023-01-03,Renal",
+                            "2023-01-04,", "2023-01-05,zz", "2023-01-06,Renal"])
+    warnings = catalogue_warnings(read_records(path), path.name)
+    assert [(w.row, w.column, w.level) for w in warnings] == [(3, "drg_group", "warning"), (5, "drg_group", "warning")]
+    assert str(warnings[0]) == (
+        "warning: records.csv: row 3, column drg_group: 'Renal' is not in the DRG catalogue: the node drops its "
+        "2 records from its demand series (no training, no D_i); did you mean 'renal'?")
+    assert str(warnings[1]) == (
+        "warning: records.csv: row 5, column drg_group: 'zz' is not in the DRG catalogue: the node drops its "
+        "1 record from its demand series (no training, no D_i)")
+    for w in warnings:
+        assert_one_line(w)
+    # errors stay unprefixed; an all-catalogue or group-less file has no warnings
+    assert not str(Problem("f.csv", 2, "age", "x")).startswith("warning")
+    assert catalogue_warnings(read_records(write(tmp_path, ["admit_date,drg_group", "2023-01-02,renal"])), "f") == []
+    assert catalogue_warnings(pd.DataFrame({"admit_date": ["2023-01-02"]}), "f") == []
+
+
+def test_catalogue_warning_states_what_the_series_does(tmp_path):
+    """The warning's claim is the node's behaviour: such records add nothing to the series."""
+    from core.drg import DRG_GROUPS
+    from core.records import catalogue_warnings
+    from core.series import demand_series
+
+    path = write(tmp_path, ["admit_date,drg_group", "2023-01-02,cardiac", "2023-01-03,Cardiac", "2023-01-04,plastic"])
+    assert len(catalogue_warnings(read_records(path), path.name)) == 2
+    series = demand_series(load_records(path), start="2023-01-02", end="2023-01-09", groups=DRG_GROUPS)
+    assert series.to_numpy().sum() == 1 and series["cardiac"].iloc[0] == 1
