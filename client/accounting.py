@@ -59,6 +59,9 @@ class Mechanism:
                 and 0 < self.sample_rate <= 1 and int(self.steps) >= 1 and self.sensitivity > 0):
             raise ValueError(f"invalid mechanism {self}")
 
+    def as_tuple(self) -> tuple[float, float, int]:
+        return (self.noise_multiplier, self.sample_rate, self.steps)
+
     def key(self) -> tuple[float, float, str]:
         return (float(self.noise_multiplier), float(self.sample_rate), self.relation)
 

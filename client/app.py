@@ -8,6 +8,7 @@ few fixed phrases; the details, which may mention record content, stay in the no
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
@@ -21,7 +22,12 @@ from core.records import RecordsError
 from core.run_config import RunSettings
 
 log = logging.getLogger("fedalloc.node")
+# Node details (which may quote a record) go only to the node's own log file, never the console.
+log.propagate = False
+log.addHandler(logging.NullHandler())
 logging.getLogger("flwr").propagate = False  # opacus calls logging.basicConfig; avoid double lines
+_FILE_HANDLERS: dict[str, logging.Handler] = {}
+
 
 def _classify(exc: BaseException) -> str:
     if isinstance(exc, RecordsError):
@@ -39,9 +45,27 @@ def _classify(exc: BaseException) -> str:
     return "internal"
 
 
-def error_reply(msg: Message, exc: BaseException) -> Message:
+def node_log_path(node_config: Mapping[str, Any]) -> Path | None:
+    """`log-path` from the node config, else `<ledger-path>.log`; None if neither is known."""
+    path = node_config.get("log-path") or (f"{node_config['ledger-path']}.log" if node_config.get("ledger-path") else "")
+    return Path(str(path)).expanduser() if path else None
+
+
+def _log_to(path: Path | None) -> None:
+    if path is None or str(path) in _FILE_HANDLERS:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    handler.addFilter(lambda record: getattr(record, "log_path", None) == str(path))
+    _FILE_HANDLERS[str(path)] = handler
+    log.addHandler(handler)
+
+
+def error_reply(msg: Message, exc: BaseException, log_path: Path | None = None) -> Message:
     kind = _classify(exc)
-    log.error("node refused %s: %s", msg.metadata.message_type, exc)
+    _log_to(log_path)
+    log.error("node refused %s: %s", msg.metadata.message_type, exc, extra={"log_path": str(log_path)})
     code, reason = ERRORS[kind]
     return Message(Error(code=code, reason=reason), reply_to=msg)
 
@@ -61,7 +85,11 @@ def make_app(sim_nodes: Mapping[int, Mapping[str, Any]] | None = None) -> Client
             try:
                 return fn(msg, context)
             except Exception as exc:  # every failure becomes a fixed-phrase error reply
-                return error_reply(msg, exc)
+                cfg = dict(context.node_config)
+                pid = cfg.get("partition-id")
+                if "ledger-path" not in cfg and sim_nodes is not None and pid is not None:
+                    cfg.update(sim_nodes.get(int(pid), {}))
+                return error_reply(msg, exc, node_log_path(cfg))
 
         handler.__name__ = fn.__name__
         return handler

@@ -145,8 +145,9 @@ class Ledger:
     def mechanisms(self) -> list[Mechanism]:
         return [_mechanism(e) for e in self._data["entries"]]
 
-    def history(self) -> list[Mechanism]:
-        return self.mechanisms()
+    def history(self) -> list[tuple[float, float, int]]:
+        """(σ, q, steps) of every entry; use `mechanisms()` for the relation and kind too."""
+        return [(m.noise_multiplier, m.sample_rate, m.steps) for m in self.mechanisms()]
 
     def epsilon(self, extra: list[Mechanism] | None = None) -> float:
         return epsilon(self.mechanisms() + list(extra or []), self.delta)

@@ -149,7 +149,11 @@ def _run(spec, files, ledger_dir, budget, delta, level, mean_interval, synthetic
         configs.append({"data-path": str(f), "ledger-path": str(ledger_dir / f"{name}.json"),
                         "hospital": name, "budget": budget, "delta": delta, "synthetic": synthetic})
     grid = InProcessGrid(make_app(), configs)
-    return run_query(grid, spec, timeout=None, level=level, mean_interval=mean_interval)
+    result = run_query(grid, spec, timeout=None, level=level, mean_interval=mean_interval)
+    # People know hospitals, not Flower node ids: the grid numbers nodes 1001.. in config order.
+    names = {1001 + i: c["hospital"] for i, c in enumerate(configs)}
+    result.refused = [(names.get(n, n), why) for n, why in result.refused]
+    return result
 
 
 def _print(result, n_nodes: int) -> None:  # type: ignore[no-untyped-def]
@@ -171,7 +175,7 @@ def _print(result, n_nodes: int) -> None:  # type: ignore[no-untyped-def]
     console.print(f"interval: {e.interval}", soft_wrap=True)
     console.print(f"{result.n_answered} of {n_nodes} node(s) answered", soft_wrap=True)
     for node_id, reason in result.refused:
-        console.print(f"  node {node_id} refused: {reason}", soft_wrap=True)
+        console.print(f"  {node_id} refused: {reason}", soft_wrap=True)
     if result.epsilon:
         eps = result.epsilon.values()
         console.print(f"ε spent per node after this query: {min(eps):.3f} – {max(eps):.3f}", soft_wrap=True)

@@ -98,11 +98,12 @@ def prepare_nodes(
     resources: Path | None = None,
     debug_seed: int | None = None,
     limits: Mapping[str, Any] | None = None,
+    synthetic_data: bool = False,
 ) -> SimNodes:
     """Node configs: synthetic hospitals get per-run ledgers, real files their lifetime ledger."""
     nodes_dir = run_path / "nodes"
-    synthetic = data_dir is None
-    if synthetic:
+    synthetic = data_dir is None or synthetic_data
+    if data_dir is None:
         data_dir = nodes_dir
         table = generate(SyntheticConfig(hospitals=hospitals, seed=seed), data_dir)
         resources = data_dir / "hospitals.csv"
@@ -200,8 +201,12 @@ def simulate(
     drop: Callable[[int, str], bool] | None = None,
     resume: bool = False,
     secagg: bool = False,
+    synthetic_data: bool = False,
 ) -> Any:
     """Run one federation end to end and return the coordinator's RunOutcome.
+
+    `synthetic_data=True` marks a `data_dir` of generated hospitals (sweeps): its nodes get
+    per-run ledgers under `<run>/nodes/ledgers/` instead of lifetime ones in `data_dir/ledgers/`.
 
     `secagg=True` trains under Flower's SecAgg+ workflow (server/secagg.py): the coordinator only
     sees masked updates and their sum; the nodes' DP-SGD and ledgers are unchanged.
@@ -220,9 +225,9 @@ def simulate(
     _quiet_logs()
     # The researcher operates every node here, so the nodes' own limits are this request.
     limits = {"max-epsilon-per-run": epsilon, "max-rounds-per-run": rounds}
-    nodes = prepare_nodes(run_path, hospitals=hospitals, seed=seed,
-                          budget=(budget or epsilon) if data_dir is None else budget,
-                          data_dir=data_dir, resources=resources, limits=limits)
+    synthetic = data_dir is None or synthetic_data
+    nodes = prepare_nodes(run_path, hospitals=hospitals, seed=seed, budget=(budget or epsilon) if synthetic else budget,
+                          data_dir=data_dir, resources=resources, limits=limits, synthetic_data=synthetic_data)
     settings["resources-file"] = nodes.resources_file
     run = RunSettings.from_mapping(settings)
     if secagg:

@@ -185,3 +185,17 @@ def test_query_for_an_undeclared_category_is_refused_before_any_charge(node_conf
                                    "--categories", "cardiology", "--epsilon", "0.5", "--ledgers", str(tmp_path / "l")])
     assert res.exit_code != 0 and "not in the public catalogue" in res.output
     assert not (tmp_path / "l").exists()
+
+
+def test_refusal_details_go_to_the_node_log_not_the_console(node_configs, run_settings, capfd):
+    from client.app import make_app
+    from server.app import run_federation
+    from simulations.inprocess import InProcessGrid
+
+    configs = [{**c, "max-epsilon-per-run": 1.0} for c in node_configs]
+    out = run_federation(InProcessGrid(make_app(), configs), run_settings())
+    assert out.error is not None and "request outside node limits or run plan" in out.error
+    console = capfd.readouterr()
+    assert "max-epsilon-per-run" not in console.out + console.err
+    log = Path(configs[0]["ledger-path"] + ".log").read_text()
+    assert "max-epsilon-per-run" in log and "node refused train" in log
