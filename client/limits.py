@@ -23,7 +23,8 @@ def check_global_model(arrays: Mapping[str, np.ndarray], expected: Mapping[str, 
         raise ModelRefused("global model has the wrong arrays")
     for name, a in arrays.items():
         shape, dtype = expected[name]
-        if tuple(a.shape) != shape or str(a.dtype) != dtype:
+        # float64 arrives from SecAgg+'s dequantised aggregate; it is cast on load like float32
+        if tuple(a.shape) != shape or (str(a.dtype) != dtype and a.dtype.kind != "f"):
             raise ModelRefused(f"global model array {name} has shape {a.shape} {a.dtype}, expected {shape} {dtype}")
         if a.size and not np.isfinite(a).all():
             raise ModelRefused(f"global model array {name} is not finite")

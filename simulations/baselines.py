@@ -24,6 +24,7 @@ and privacy.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from functools import lru_cache
 from dataclasses import dataclass, field
@@ -59,6 +60,8 @@ class Hospitals:
     node_configs: list[dict[str, Any]] = field(default_factory=list)
     data_dir: Path | None = None
     resources_file: Path | None = None
+    # Generated hospitals get per-run ledgers; a researcher's own files their lifetime ledgers.
+    synthetic: bool = False
 
 
 def run_settings(**overrides: Any) -> RunSettings:
@@ -95,7 +98,7 @@ def synthetic_hospitals(out_dir: Path, hospitals: int, seed: int, run: RunSettin
     out_dir = Path(out_dir)
     if not (out_dir / "hospitals.csv").exists():
         generate(SyntheticConfig(hospitals=hospitals, seed=seed), out_dir)
-    return load_hospitals(out_dir, run)
+    return dataclasses.replace(load_hospitals(out_dir, run), synthetic=True)
 
 
 # ---------------------------------------------------------------- naive forecasts
@@ -212,7 +215,7 @@ def _local_dp_plan(n_examples: int, batch_size: int, local_epochs: int, rounds: 
     steps = plan.steps * rounds
     sigma = training_sigma([], plan.sample_rate, steps, [Mechanism(rel, 1.0, 1, "gaussian-release")],
                            epsilon, delta, accountant)
-    eps = compute_epsilon([(sigma, plan.sample_rate, steps), (rel, 1.0, 1)], delta, accountant)
+    eps = compute_epsilon([Mechanism(sigma, plan.sample_rate, steps), Mechanism(rel, 1.0, 1, "gaussian-release")], delta)
     return LocalDPPlan(sigma, rel, plan.sample_rate, steps, eps)
 
 
@@ -272,7 +275,7 @@ def federated_dp(h: Hospitals, run: RunSettings, results_dir: Path, run_name: st
     outcome = simulate(hospitals=len(h.names), rounds=run.num_server_rounds, epsilon=run.epsilon,
                        data_dir=h.data_dir, resources=h.resources_file, engine="inprocess",
                        results_dir=str(results_dir), run_name=run_name, seed=run.seed, overrides=overrides,
-                       on_round=on_round)
+                       on_round=on_round, synthetic_data=h.synthetic)
     if outcome.error or outcome.allocations is None:
         raise RuntimeError(f"federated DP run failed: {outcome.error}")
     table = outcome.allocations.set_index("hospital")

@@ -166,7 +166,7 @@ def check_request(
     if engine not in ENGINES:
         raise ValueError(f"engine {engine!r} is not allowed; choose one of {', '.join(ENGINES)}")
     if resume and not run_name:
-        raise ValueError("resume needs the name of the run to continue")
+        raise ValueError("--resume needs --name of the run to continue")
     if resume and secagg:
         raise ValueError("resume is not supported with secure aggregation")
     name = run_name or datetime.now().strftime("sim-%Y%m%d-%H%M%S")

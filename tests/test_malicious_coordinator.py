@@ -48,7 +48,7 @@ def test_bad_global_models_are_refused_and_nothing_is_charged(node_configs, run_
     elif poison == "shape":
         state[key] = torch.zeros(3, 3)
     elif poison == "dtype":
-        state[key] = state[key].double()
+        state[key] = state[key].to(torch.int64)
     else:
         del state[key]
     for task in (lambda: train_task(state, run, node, "1", 2), lambda: predict_task(state, run, node, "1")):

@@ -18,7 +18,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 
 from client.app import make_app
 from client.calibration import release_sigma
-from client.ledger import Ledger, compute_epsilon
+from client.ledger import Ledger, Mechanism, compute_epsilon
 from client.node import NodeSettings
 from client.query_task import node_records, noisy_release, plan_release, query_task
 from core.queries import QuerySpec, combine, exact_statistic, local_answer, sensitivity
@@ -335,7 +335,7 @@ def test_cli_query(data_dir, tmp_path):
     out = json.loads(res.output)
     assert [b["bin"] for b in out["bins"]] == ["respiratory", "cardiac"]
     # ledgers persist between invocations: two ε=0.5 releases, composed by the ledger's accountant
-    two = compute_epsilon([(release_sigma(0.5, DELTA), 1.0, 1)] * 2, DELTA)
+    two = compute_epsilon([Mechanism(release_sigma(0.5, DELTA), 1.0, 1, "query-release")] * 2, DELTA)
     assert all(e == pytest.approx(two) for e in out["epsilon_per_node"].values())
     res = CliRunner().invoke(app, ["query", "--statistic", "sum", "--epsilon", "1", "--data", str(data_dir)])
     assert res.exit_code == 2 and "needs a column" in res.output

@@ -87,7 +87,8 @@ def test_coordinator_crash_then_resume(node_configs, run_settings):
         led = Ledger.read(cfg["ledger-path"])
         kinds = [e["kind"] for e in led.entries]
         assert kinds == ["dpsgd"] * 3 + ["gaussian-release"]
-        assert {e["run"] for e in led.entries} == {str(RUN_ID)}
+        assert {e["run"] for e in led.entries} == {"crashy"}  # nodes know runs by name
+        assert {e["run_id"] for e in led.entries} == {str(RUN_ID)}
         sigmas = [e["noise_multiplier"] for e in led.entries if e["kind"] == "dpsgd"]
         assert sigmas[2] == sigmas[0] == sigmas[1]  # round 3 kept the plan made in round 1
         assert [e["purpose"] for e in led.entries][:3] == [f"train round {i}" for i in (1, 2, 3)]
@@ -113,7 +114,8 @@ def test_driver_resume_keeps_nodes_and_ledgers(sim_data, tmp_path):
     from simulations.driver import simulate
 
     common = dict(rounds=2, epsilon=3.0, data_dir=sim_data, resources=sim_data / "hospitals.csv",
-                  engine="inprocess", results_dir=str(tmp_path), run_name="sim", overrides={"local-epochs": 1})
+                  engine="inprocess", results_dir=str(tmp_path), run_name="sim", overrides={"local-epochs": 1},
+                  synthetic_data=True)
 
     def die(r: int, n: int, rec: dict) -> None:
         if r == 1:

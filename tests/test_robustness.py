@@ -96,8 +96,10 @@ def rel(a: np.ndarray, b: np.ndarray) -> float:
 
 def attacked_round(five_nodes, run_settings, strategy: str) -> tuple[float, float, str]:
     """(relative distance of weights, of updates, to the honest FedAvg; whose reply it equals)."""
+    # the largest weight bound a plan may declare, so the 1000× reply passes the value audit and
+    # only the aggregation rule stands between it and the global model
     run = run_settings(**{"num-server-rounds": 1, "strategy": strategy, "trim-beta": 0.2, "krum-byzantine": 1,
-                          "min-nodes": 3, "run-name": f"attack-{strategy}", "resources-file": ""})
+                          "min-nodes": 3, "run-name": f"attack-{strategy}", "resources-file": "", "weight-bound": 1e4})
     seen: list = []
     grid = InProcessGrid(poisoning_app(), five_nodes, tap=snapshot(seen))
     out = run_federation(grid, run)

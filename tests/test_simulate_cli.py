@@ -12,8 +12,10 @@ from fedalloc.cli import app
 
 
 def test_simulate_on_user_files(sim_data, tmp_path):
+    data = tmp_path / "data"  # the user's own copy: its lifetime ledgers go to data/ledgers
+    shutil.copytree(sim_data, data)
     res = CliRunner().invoke(app, [
-        "simulate", "--data", str(sim_data), "--resources", str(sim_data / "hospitals.csv"), "--engine", "inprocess",
+        "simulate", "--data", str(data), "--resources", str(data / "hospitals.csv"), "--engine", "inprocess",
         "--rounds", "1", "--total", "120", "--out", str(tmp_path), "--name", "mine"])
     assert res.exit_code == 0, res.output
     assert "results in" in res.output
