@@ -15,6 +15,19 @@ console = Console()
 err_console = Console(stderr=True)
 
 
+def parse_run_config(text: str | None) -> dict:
+    """`key=value …` with Flower's own parser (the syntax of `flwr run --run-config`)."""
+    if not text:
+        return {}
+    from flwr.common.config import parse_config_args
+
+    try:
+        return dict(parse_config_args([text]))
+    except Exception as exc:  # Flower raises several types for bad TOML
+        fail(f"--run-config: cannot parse {text!r} ({exc})")
+        raise  # unreachable: fail() exits
+
+
 def fail(message: str, code: int = 2) -> None:
     """One line on stderr, non-zero exit: what went wrong and, where it helps, what is allowed."""
     err_console.print(f"fedalloc: error: {message}", markup=False, highlight=False, soft_wrap=True)
@@ -40,13 +53,16 @@ def simulate_command(
     seed: int = typer.Option(0, help="Seed of the synthetic hospitals and the initial model."),
     secagg: bool = typer.Option(False, "--secagg", help="Secure aggregation (Flower SecAgg+): the coordinator sees only masked updates."),
     resume: bool = typer.Option(False, "--resume", help="Continue run --name from its last checkpoint (keeps its nodes and ledgers)."),
+    run_config: Optional[str] = typer.Option(None, "--run-config", help="More run-config keys, as for `flwr run --run-config`, "
+                                             "e.g. \"period='day' lags=14 horizon=7\"; checked before anything runs."),
 ) -> None:
     """Run a whole federation locally: DP training, D_i release, allocation."""
     from simulations.driver import InvalidNodeFiles, check_request, simulate
 
     if data is not None and not data.is_dir():
         fail(f"--data {data}: not a directory")
-    overrides = {"total": total, "policy": policy, "strategy": strategy, "start": start, "cutoff": cutoff}
+    overrides = {"total": total, "policy": policy, "strategy": strategy, "start": start, "cutoff": cutoff,
+                 **parse_run_config(run_config)}
     try:
         check_request(hospitals=hospitals, rounds=rounds, epsilon=epsilon, data_dir=data, engine=engine,
                       results_dir=str(out), run_name=name, seed=seed, overrides=overrides, resume=resume, secagg=secagg)
