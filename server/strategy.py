@@ -39,6 +39,10 @@ class RoundGuard:
         self._t0 = time.monotonic()
         return msgs
 
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        # No federated evaluation: a loss on private data would be an un-noised release.
+        return []
+
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         ok = [m for m in replies if m.has_content()]
@@ -84,7 +88,6 @@ class GuardedKrum(RoundGuard, Krum):
 def make_strategy(run: RunSettings) -> Strategy:
     common = dict(
         fraction_train=run.fraction_train,
-        fraction_evaluate=0.0,
         min_train_nodes=run.min_nodes,
         min_evaluate_nodes=0,
         min_available_nodes=run.min_nodes,
