@@ -139,10 +139,9 @@ def test_secagg_on_flower_ray_engine(node_configs, run_settings, tmp_path):
     """The same ServerApp/ClientApp pair under Flower's Ray simulation (3 nodes, 1 round)."""
     import os
 
-    from flwr.simulation import run_simulation
-
     from client.secagg import make_secagg_app as make_client
     from server.secagg import make_secagg_server_app
+    from simulations.ray_local import run_ray_simulation
 
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
@@ -150,12 +149,10 @@ def test_secagg_on_flower_ray_engine(node_configs, run_settings, tmp_path):
     settings = {"num-server-rounds": 1, "local-epochs": 1, "results-dir": str(tmp_path / "results"),
                 "run-name": "ray", "min-nodes": 3, "secagg-num-shares": 3, "secagg-threshold": 2}
     outcome: list = []
-    run_simulation(
+    run_ray_simulation(  # loopback-only Ray, as `fedalloc simulate` uses it
         server_app=make_secagg_server_app(settings, outcome),
         client_app=make_client(dict(enumerate(configs))),
-        num_supernodes=3,
-        backend_config={"client_resources": {"num_cpus": 1},
-                        "init_args": {"num_cpus": 2, "logging_level": "ERROR", "log_to_driver": False}},
+        num_supernodes=3, num_cpus=2, handle_signals=False,
     )
     assert outcome and outcome[0].error is None, outcome and outcome[0].error
     out = outcome[0]
