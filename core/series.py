@@ -189,24 +189,3 @@ def make_windows(
         [np.repeat(starts, n_g), np.tile(np.arange(n_g, dtype=np.int64), n_w)], axis=1
     ).astype(np.int64).reshape(n_w * n_g, 2)
     return x, y, meta
-
-
-def cap_per_patient(records: pd.DataFrame, m: int, seed: int = 0) -> pd.DataFrame:
-    """Keep at most ``m`` encounters per ``patient_id`` (for a patient-level bound over m).
-
-    Which encounters survive is a seeded random choice, not "the first m", so the cap does not
-    systematically drop late (most recent) admissions. Deterministic for the same frame and
-    seed; surviving rows keep their order and index. Rows without a ``patient_id`` cannot be
-    linked and are each treated as a distinct patient (kept). Without a ``patient_id`` column
-    the frame is returned unchanged.
-    """
-    if int(m) != m or m < 1:
-        raise ValueError(f"m must be a positive integer, got {m!r}")
-    if "patient_id" not in records.columns or len(records) == 0:
-        return records
-    rng = np.random.default_rng(seed)
-    keys = pd.Series(rng.random(len(records)))
-    pid = records["patient_id"].to_numpy()
-    rank = keys.groupby(pid, dropna=True, sort=False).rank(method="first")
-    keep = rank.isna() | (rank <= m)
-    return records[keep.to_numpy()]

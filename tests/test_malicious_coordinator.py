@@ -199,3 +199,26 @@ def test_refusal_details_go_to_the_node_log_not_the_console(node_configs, run_se
     assert "max-epsilon-per-run" not in console.out + console.err
     log = Path(configs[0]["ledger-path"] + ".log").read_text()
     assert "max-epsilon-per-run" in log and "node refused train" in log
+
+
+def test_unexpected_cli_errors_are_one_line_and_debug_has_no_locals(monkeypatch, capsys):
+    """No Rich traceback with local variables (record frames, node paths) ever; --debug prints a
+    plain traceback."""
+    import sys
+
+    import fedalloc.cli as cli_module
+
+    def boom() -> None:
+        secret_record = "P-123|2024-01-02|cardiac"  # noqa: F841  (a local a Rich traceback would print)
+        raise RuntimeError("node data at /hospital/records.csv\nsecond line")
+
+    for argv, debug in ((["fedalloc"], False), (["fedalloc", "--debug"], True)):
+        monkeypatch.setattr(cli_module, "app", boom)
+        monkeypatch.setattr(sys, "argv", argv)
+        with pytest.raises(SystemExit) as exit_info:
+            cli_module.main()
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 1 and "P-123" not in err
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("fedalloc: error: RuntimeError: node data at") and "second line" not in last
+        assert ("Traceback" in err) == debug

@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 from core.drg import DRG_GROUPS
 from core.series import (
     PERIODS,
-    cap_per_patient,
     cell_sensitivity,
     demand_series,
     make_windows,
@@ -235,26 +234,3 @@ def test_too_short_series_gives_empty_arrays():
 # --------------------------------------------------------------------------- patient cap
 
 
-def patients_frame() -> pd.DataFrame:
-    pid = ["a"] * 5 + ["b"] * 2 + ["c"] + [None, None, None]
-    return pd.DataFrame({"patient_id": pd.Series(pid, dtype="str"), "x": np.arange(len(pid))})
-
-
-def test_cap_per_patient():
-    df = patients_frame()
-    capped = cap_per_patient(df, 2, seed=3)
-    counts = capped["patient_id"].value_counts()
-    assert counts.max() == 2 and counts["c"] == 1
-    assert capped["patient_id"].isna().sum() == 3  # unlinkable rows are kept
-    assert len(capped) == 2 + 2 + 1 + 3
-    assert capped["x"].is_monotonic_increasing  # order kept
-    pd.testing.assert_frame_equal(capped, cap_per_patient(df, 2, seed=3))
-    picks = {tuple(cap_per_patient(df, 2, seed=s)["x"]) for s in range(10)}
-    assert len(picks) > 1  # the seed decides which encounters survive
-
-
-def test_cap_without_patient_id_is_identity():
-    df = pd.DataFrame({"x": [1, 2, 3]})
-    assert cap_per_patient(df, 1) is df
-    with pytest.raises(ValueError):
-        cap_per_patient(patients_frame(), 0)
