@@ -131,6 +131,7 @@ def test_write_audit(audit, tmp_path):
         assert p.exists() and p.stat().st_size > 0
     html = paths["html"].read_text()
     assert 'src="data:image/png;base64,' in html and "<section" in html and "Membership-inference" in html
+    assert "Sanity plot, not an audit" in html
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -142,9 +143,14 @@ def test_audit_command(tmp_path):
 
     app = typer.Typer()
     app.command()(audit_command)
+    # the privacy audit runs first (tiny here: 20 canaries, no control); the MIA is its sanity plot
     res = CliRunner().invoke(app, ["--out", str(tmp_path / "a"), "--seeds", "1", "--epsilons", "inf,3",
-                                   "--hospitals", "1", "--epochs", "3"])
+                                   "--hospitals", "1", "--epochs", "3", "--canaries", "20", "--canaries-per-run", "20",
+                                   "--control-scale", "0"])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "a" / "audit.csv").exists() and "AUC" in res.output
+    assert "Sanity plot, not an audit" in res.output
+    page = (tmp_path / "a" / "audit.html").read_text()
+    assert page.index("Privacy audit") < page.index("Sanity plot, not an audit")
     bad = CliRunner().invoke(app, ["--out", str(tmp_path / "b"), "--epsilons", "0,1"])
     assert bad.exit_code == 2
