@@ -9,7 +9,9 @@ from __future__ import annotations
 import sys
 import traceback
 
+import click
 import typer
+from typer.core import TyperGroup
 
 from fedalloc.commands_allocate import allocate_command
 from fedalloc.commands_audit import audit_command
@@ -18,9 +20,27 @@ from fedalloc.commands_query import query_command
 from fedalloc.commands_sim import ledger_app, simulate_command
 from fedalloc.commands_sweep import sweep_command
 
+INTERRUPTED = "fedalloc: interrupted"
+
+
+class _Commands(TyperGroup):
+    """Typer turns a KeyboardInterrupt inside a command into a silent exit 130; say what happened.
+
+    (`main` below only sees an interrupt outside any command, e.g. while importing.)
+    """
+
+    def invoke(self, ctx: click.Context):  # type: ignore[no-untyped-def]
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            print(INTERRUPTED, file=sys.stderr)
+            raise click.exceptions.Exit(130) from None
+
+
 # No Rich tracebacks: they print local variables (record frames, node paths). Errors are one line;
 # `--debug` (anywhere on the command line) prints the plain traceback, still without locals.
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
+app = typer.Typer(cls=_Commands, add_completion=False, no_args_is_help=True, help=__doc__,
+                  pretty_exceptions_enable=False)
 
 app.command("allocate")(allocate_command)
 app.command("validate")(validate_command)
@@ -39,7 +59,7 @@ def main() -> None:
     try:
         app()
     except KeyboardInterrupt:
-        print("fedalloc: interrupted", file=sys.stderr)
+        print(INTERRUPTED, file=sys.stderr)
         sys.exit(130)
     except Exception as exc:  # anything not already reported as one line by a command
         if debug:

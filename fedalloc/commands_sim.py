@@ -46,6 +46,8 @@ def simulate_command(
     policy: str = typer.Option("seed", help="Allocation policy."),
     strategy: str = typer.Option("fedavg", help="fedavg, fedtrimmedavg or krum."),
     engine: str = typer.Option("ray", help="ray (Flower simulation engine) or inprocess (fast, one process)."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="HOST:PORT of an existing Ray cluster's head "
+                                              "to run on (engine ray; default: a local loopback-only Ray)."),
     start: str = typer.Option("2023-01-02", help="First day of the series (public)."),
     cutoff: str = typer.Option("2025-12-01", help="Train on records before this date, forecast after it."),
     out: Path = typer.Option(Path("results"), "--out", help="Results directory."),
@@ -65,7 +67,8 @@ def simulate_command(
                  **parse_run_config(run_config)}
     try:
         check_request(hospitals=hospitals, rounds=rounds, epsilon=epsilon, data_dir=data, engine=engine,
-                      results_dir=str(out), run_name=name, seed=seed, overrides=overrides, resume=resume, secagg=secagg)
+                      results_dir=str(out), run_name=name, seed=seed, overrides=overrides, resume=resume, secagg=secagg,
+                      ray_address=ray_address)
     except ValueError as exc:  # a request that cannot succeed: refused before anything is spent
         fail(str(exc))
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} rounds"),
@@ -83,7 +86,7 @@ def simulate_command(
             outcome = simulate(
                 hospitals=hospitals, rounds=rounds, epsilon=epsilon, budget=budget, data_dir=data, resources=resources,
                 engine=engine, results_dir=str(out), run_name=name, seed=seed, on_round=on_round, resume=resume, secagg=secagg,
-                overrides=overrides,
+                overrides=overrides, ray_address=ray_address,
             )
         except InvalidNodeFiles as exc:
             progress.stop()

@@ -25,7 +25,7 @@ from core.allocation import allocate
 from core.drg import DRG_GROUPS
 from core.run_config import RunSettings, plan_steps, public_examples
 from server.audit import AuditingGrid, MessageAudit
-from server.results import load_arrays, rounds_frame, run_dir, save_arrays, write_json
+from server.results import commit_round, resume_point, rounds_frame, run_dir, write_json
 from server.strategy import RoundFailed, make_strategy
 
 log = logging.getLogger("fedalloc.coordinator")
@@ -109,11 +109,10 @@ def run_federation(
     audit = MessageAudit.for_arrays(arrays, public_plan(run))
     grid = AuditingGrid(grid, audit)
     strategy = make_strategy(run)
-    ckpt = out.path / "checkpoint.npz"
     done = 0
-    if resume and ckpt.exists():
-        arrays = load_arrays(ckpt)
-        state = _read_state(out.path)
+    point = resume_point(out.path) if resume else None
+    if point is not None:
+        arrays, state = point
         done = int(state.get("rounds_done", 0))
         strategy.rounds = state.get("rounds", [])[:done]  # type: ignore[attr-defined]
         log.info("resuming %s after round %d", name, done)
@@ -129,8 +128,7 @@ def run_federation(
             return None
         absolute = server_round + done
         absolute_rounds()
-        save_arrays(ckpt, current)
-        write_json(out.path / "state.json", {"rounds_done": absolute, "rounds": strategy.rounds})  # type: ignore[attr-defined]
+        commit_round(out.path, absolute, current, {"rounds_done": absolute, "rounds": strategy.rounds})  # type: ignore[attr-defined]
         if on_round:
             on_round(absolute, run.num_server_rounds, strategy.rounds[-1])  # type: ignore[attr-defined]
         return None
@@ -202,13 +200,6 @@ def _allocate(run: RunSettings, replies: list[Message]) -> tuple[pd.DataFrame, d
     per_group = released.drop(columns=["demand", "epsilon"])
     table = table.merge(per_group, on="hospital", how="left")
     return table, dict(result.fairness), eps
-
-
-def _read_state(path: Path) -> dict[str, Any]:
-    import json
-
-    f = path / "state.json"
-    return json.loads(f.read_text()) if f.exists() else {}
 
 
 def _write(out: RunOutcome, run: RunSettings, seconds: float, n_nodes: int, seen: int) -> None:

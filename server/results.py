@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,35 @@ def save_arrays(path: Path, arrays: ArrayRecord) -> None:
     tmp = path.with_name(path.name + ".tmp.npz")
     np.savez(tmp, **{k: a.numpy() for k, a in arrays.items()})
     tmp.replace(path)
+
+
+def commit_round(run_path: Path, round_: int, arrays: ArrayRecord, state: dict[str, Any]) -> None:
+    """Checkpoint a finished round so that an interrupt at any point leaves a resumable pair.
+
+    The model goes to `checkpoint-<round>.npz` first; writing `state.json` (which names that
+    file) is the commit point. `checkpoint.npz` is then refreshed as a convenience copy, and older
+    round files are removed. Resume reads the file `state.json` names, never a half-updated pair.
+    """
+    name = f"checkpoint-{round_}.npz"
+    save_arrays(run_path / name, arrays)
+    write_json(run_path / "state.json", {**state, "checkpoint": name})
+    tmp = run_path / "checkpoint.npz.link"
+    tmp.unlink(missing_ok=True)
+    os.link(run_path / name, tmp)
+    os.replace(tmp, run_path / "checkpoint.npz")
+    for old in run_path.glob("checkpoint-*.npz"):
+        if old.name != name:
+            old.unlink(missing_ok=True)
+
+
+def resume_point(run_path: Path) -> tuple[ArrayRecord, dict[str, Any]] | None:
+    """(model, state) of the last committed round, or None if the run never finished one."""
+    f = run_path / "state.json"
+    if not f.exists():
+        return None
+    state = json.loads(f.read_text())
+    ckpt = run_path / str(state.get("checkpoint", "checkpoint.npz"))
+    return (load_arrays(ckpt), state) if ckpt.exists() else None
 
 
 def load_arrays(path: Path) -> ArrayRecord:

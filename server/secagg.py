@@ -53,7 +53,7 @@ from core.drg import DRG_GROUPS
 from core.run_config import RunSettings
 from server.app import RunOutcome, RoundCallback, _allocate, _write, finish, predict_round, wait_for_nodes
 from server.audit import AuditingGrid, MessageAudit
-from server.results import run_dir, save_arrays, write_json
+from server.results import commit_round, run_dir
 from server.strategy import RoundFailed
 
 log = logging.getLogger("fedalloc.coordinator")
@@ -209,7 +209,6 @@ def run_secagg_federation(
     keys = list(initial.keys())
     audit = SecAggAudit.for_arrays(initial)
     grid = AuditingGrid(grid, audit)
-    ckpt = out.path / "checkpoint.npz"
     t0 = time.monotonic()
     strategy: GuardedLegacyFedAvg | None = None
     nodes: list[int] = []
@@ -248,8 +247,7 @@ def run_secagg_federation(
                                         "seconds": time.monotonic() - strategy.t0, "secure_aggregation": True})
                 raise RoundFailed(f"round {current}: secure aggregation halted (too few nodes completed the protocol)")
             arrays = _params_record(ctx, keys)
-            save_arrays(ckpt, arrays)
-            write_json(out.path / "state.json", {"rounds_done": current, "rounds": strategy.rounds})
+            commit_round(out.path, current, arrays, {"rounds_done": current, "rounds": strategy.rounds})
             if on_round:
                 on_round(current, run.num_server_rounds, strategy.rounds[-1])
 

@@ -160,11 +160,18 @@ def check_request(
     overrides: Mapping[str, Any] | None,
     resume: bool,
     secagg: bool,
+    ray_address: str | None = None,
 ) -> tuple[str, Path, dict[str, Any]]:
     """Refuse, with one line naming the setting, a request that cannot succeed — before any node
     file is written or any ε spent. Returns the run name, its folder and its run config."""
     if engine not in ENGINES:
         raise ValueError(f"engine {engine!r} is not allowed; choose one of {', '.join(ENGINES)}")
+    if ray_address is not None:
+        if engine != "ray":
+            raise ValueError(f"--ray-address needs --engine ray (got --engine {engine})")
+        from simulations.ray_local import check_ray_address, probe_ray_address
+
+        probe_ray_address(check_ray_address(ray_address))
     if resume and not run_name:
         raise ValueError("--resume needs --name of the run to continue")
     if resume and secagg:
@@ -202,6 +209,7 @@ def simulate(
     resume: bool = False,
     secagg: bool = False,
     synthetic_data: bool = False,
+    ray_address: str | None = None,
 ) -> Any:
     """Run one federation end to end and return the coordinator's RunOutcome.
 
@@ -214,10 +222,14 @@ def simulate(
     `resume=True` continues the named run from its coordinator checkpoint: the nodes keep their
     files and ledgers under `<run>/nodes/` (and, in process, the same run id), so their σ plan and
     ε accounting carry on where the crashed coordinator left them.
+
+    `ray_address="HOST:PORT"` (engine ray only) runs on an existing Ray cluster instead of a
+    local loopback-only instance; the cluster's processes are left running (README, "Ray cluster").
     """
     name, run_path, settings = check_request(
         hospitals=hospitals, rounds=rounds, epsilon=epsilon, data_dir=data_dir, engine=engine,
-        results_dir=results_dir, run_name=run_name, seed=seed, overrides=overrides, resume=resume, secagg=secagg)
+        results_dir=results_dir, run_name=run_name, seed=seed, overrides=overrides, resume=resume, secagg=secagg,
+        ray_address=ray_address)
 
     from client.app import make_app as make_client_app
     from server.app import make_app as make_server_app, run_federation
@@ -254,6 +266,7 @@ def simulate(
             server_app=make_server_app(settings, on_round=on_round, outcome=results, resume=resume),
             client_app=client_app or make_client_app(sim_nodes),
             num_supernodes=len(nodes.node_configs),
+            address=ray_address,
         )
         if not results:
             raise RuntimeError("the simulation ended without a result; see the log above")

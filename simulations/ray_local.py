@@ -22,6 +22,16 @@ Three problems of `flwr.simulation.run_simulation` on Ray 2.55 / Flower 1.42 are
   per-run marker in their environment and the driver's process tree (see `run_processes`); a tiny
   watchdog process removes them at the end of the run and also if the driver dies by SIGKILL.
 
+**An existing cluster** (`address="HOST:PORT"`, `fedalloc simulate --ray-address`): the run only
+connects a driver. Nothing is started, so nothing is swept: no watchdog, no kill of any process
+(the cluster's raylet starts the workers, and they belong to the cluster). Ray itself ends the
+job's actors when the driver disconnects or dies; Ctrl-C/SIGTERM just end this process. Ray
+refuses `num_cpus` (and resources) when connecting, so only the address and quiet settings are
+passed; the driver takes the node address of the cluster's raylet on this machine. A loopback
+address is connected to in the loopback mode above: otherwise Ray rewrites 127.0.0.1 to the
+external address and retries the GCS there for ever (the run hung). The driver connects before
+Flower starts, so a failing connection raises instead of waiting out the round timeout.
+
 Only the standard library is imported at module level: the watchdog runs this file as a script.
 """
 
@@ -54,19 +64,51 @@ KNOWN_FLWR_NOISE = (
 RAY_ACCELERATOR_TIP = r"Tip: In future versions of Ray, Ray will no longer override accelerator"
 
 
-def backend_config(num_cpus: int | None = None) -> dict[str, Any]:
-    """Flower backend_config for a loopback-only, fresh, quiet local Ray instance."""
+def backend_config(num_cpus: int | None = None, address: str | None = None) -> dict[str, Any]:
+    """Flower backend_config: a loopback-only, fresh, quiet local Ray instance, or (with
+    `address`) a connection to an existing cluster.
+
+    Flower's RayBackend passes `init_args` to `ray.init` unchanged (adding only a runtime_env
+    with the driver's PYTHONPATH). When connecting, Ray refuses num_cpus/num_gpus/resources and
+    `_node_ip_address` would be wrong on any machine but a loopback one, so neither is passed.
+    """
+    quiet = {"include_dashboard": False, "logging_level": "ERROR", "log_to_driver": False}
+    if address is not None:
+        return {"client_resources": {"num_cpus": 1}, "init_args": {"address": address, **quiet}}
     return {
         "client_resources": {"num_cpus": 1},
         "init_args": {
             "num_cpus": num_cpus or os.cpu_count() or 2,
             "address": "local",
             "_node_ip_address": LOOPBACK,
-            "include_dashboard": False,
-            "logging_level": "ERROR",
-            "log_to_driver": False,
+            **quiet,
         },
     }
+
+
+def check_ray_address(address: str) -> str:
+    """`HOST:PORT` of a cluster's head (GCS), as `ray start --head` prints it; one-line errors."""
+    text = address.strip()
+    if "://" in text:
+        raise ValueError(f"--ray-address {address!r}: Ray Client addresses (ray://) are not supported; run fedalloc "
+                         "on a machine of the cluster and give the head's HOST:PORT")
+    host, sep, port = text.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"--ray-address {address!r}: expected HOST:PORT of the cluster's head, e.g. 10.0.0.5:6379")
+    return text
+
+
+def is_loopback_address(address: str) -> bool:
+    host = address.strip().rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        import ipaddress
+
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class _KnownNoise(logging.Filter):
@@ -102,6 +144,58 @@ def loopback_only() -> Iterator[None]:
         else:
             os.environ[SINGLE_MACHINE_ENV] = old
         consts.ENABLE_RAY_CLUSTER = consts.env_bool(SINGLE_MACHINE_ENV, not consts.IS_WINDOWS_OR_OSX)
+
+
+@contextmanager
+def cluster_connection(address: str) -> Iterator[None]:
+    """A connection to the cluster at `address` (nothing is started here).
+
+    A loopback cluster (`ray start --head --node-ip-address=127.0.0.1` with
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0) is connected to in the same loopback mode, so the driver's
+    own servers bind 127.0.0.1 too. Flower reuses a Ray that is already initialised in this
+    process whatever its address, so that is refused.
+    """
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        raise RuntimeError(f"a Ray instance is already initialised in this process; call ray.shutdown() first so "
+                           f"that the simulation connects to {address}")
+    with (loopback_only() if is_loopback_address(address) else nullcontext()):
+        _connect(address)
+        try:
+            yield
+        finally:
+            import ray
+
+            if ray.is_initialized():  # Flower disconnects at the end of a run; not after an error
+                ray.shutdown()
+
+
+def _connect(address: str) -> None:
+    """`ray.init` in this thread with what Flower's RayBackend.init_ray would pass (its init_args
+    and a runtime_env carrying the driver's sys.path as PYTHONPATH); Flower then reuses it.
+
+    If Flower's backend fails to connect it logs the error and then joins the ServerApp thread,
+    which waits for replies up to its round timeout (10 min by default); here the error is raised
+    before anything else starts. (An address where nothing listens is refused earlier still, by
+    `probe_ray_address`: Ray retries that for ever.)
+    """
+    import ray
+
+    pythonpath = os.pathsep.join(sys.path)
+    if os.environ.get("PYTHONPATH"):
+        pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
+    os.environ["PYTHONPATH"] = pythonpath
+    ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **backend_config(address=address)["init_args"])
+
+
+def probe_ray_address(address: str, timeout: float = 3.0) -> None:
+    """Refuse an address where nothing listens (a typo, a head not started): Ray would retry for ever."""
+    host, _, port = address.strip().rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise ValueError(f"--ray-address {address}: no Ray head answers there ({exc.strerror or type(exc).__name__}); "
+                         "start it with `ray start --head` first (README, 'Ray cluster')") from None
 
 
 def _refuse_foreign_ray() -> None:
@@ -257,7 +351,7 @@ def _watchdog(mark: str, parent: int, since: int) -> None:
 class _Interrupts:
     """SIGINT/SIGTERM while Ray runs: kill the run's Ray processes, then leave the process."""
 
-    def __init__(self, mark: str, since: int, exclude: set[int]) -> None:
+    def __init__(self, mark: str | None, since: int, exclude: set[int]) -> None:
         self.mark, self.since, self.exclude = mark, since, exclude
         self.active = False
 
@@ -295,7 +389,8 @@ class _Interrupts:
     def _stop(self, signum: int) -> None:
         name = "interrupted" if signum == signal.SIGINT else "terminated"
         _write(2, f"\nfedalloc: {name}; stopping the Ray simulation\n")
-        kill_run(self.mark, os.getpid(), self.since, exclude=self.exclude, timeout=3.0)
+        if self.mark is not None:  # None: a connected cluster, whose processes are not ours to kill
+            kill_run(self.mark, os.getpid(), self.since, exclude=self.exclude, timeout=3.0)
         if _isatty(1):
             _write(1, "\x1b[?25h")  # the progress bar hides the cursor
         os._exit(128 + signum)
@@ -332,12 +427,19 @@ def _isatty(fd: int) -> bool:
 
 
 @contextmanager
-def ray_run(handle_signals: bool = True) -> Iterator[str]:
+def ray_run(handle_signals: bool = True, address: str | None = None) -> Iterator[str | None]:
     """One local Ray run: marked processes, loopback only, swept at the end whatever happens.
 
     With `handle_signals` (and on the main thread), SIGINT/SIGTERM kill the run's Ray processes
     and end this process within a couple of seconds instead of raising KeyboardInterrupt.
+
+    With `address` (an existing cluster) nothing is marked, watched or killed; SIGINT/SIGTERM
+    only end this process, and Ray ends the job's actors when the driver is gone. Yields None.
     """
+    if address is not None:
+        with cluster_connection(address), (_Interrupts(None, 0, set()) if handle_signals else nullcontext()):
+            yield None
+        return
     mark, since = uuid.uuid4().hex, _now_ticks() - 2  # ticks: a little slack for clock rounding
     watchdog = _start_watchdog(mark, since)
     exclude = {os.getpid()} | ({watchdog.pid} if watchdog is not None else set())
@@ -361,15 +463,19 @@ def ray_run(handle_signals: bool = True) -> Iterator[str]:
 
 
 def run_ray_simulation(*, server_app: Any, client_app: Any, num_supernodes: int,
-                       num_cpus: int | None = None, handle_signals: bool = True) -> None:
-    """`flwr.simulation.run_simulation` on a loopback-only local Ray that Ctrl-C stops cleanly."""
+                       num_cpus: int | None = None, handle_signals: bool = True, address: str | None = None) -> None:
+    """`flwr.simulation.run_simulation` on a loopback-only local Ray that Ctrl-C stops cleanly,
+    or (`address="HOST:PORT"`) on an existing Ray cluster, whose processes are left alone."""
     quiet_known_noise()
-    with ray_run(handle_signals=handle_signals), warnings.catch_warnings():
+    if address is not None:
+        address = check_ray_address(address)
+    with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=RAY_ACCELERATOR_TIP, category=FutureWarning)
         from flwr.simulation import run_simulation
 
-        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_supernodes,
-                       backend_config=backend_config(num_cpus))
+        with ray_run(handle_signals=handle_signals, address=address):  # a cluster is connected to here
+            run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_supernodes,
+                           backend_config=backend_config(num_cpus, address))
 
 
 if __name__ == "__main__" and len(sys.argv) == 5 and sys.argv[1] == "--watchdog":
