@@ -117,6 +117,7 @@ def run_federation(
         strategy.rounds = state.get("rounds", [])[:done]  # type: ignore[attr-defined]
         log.info("resuming %s after round %d", name, done)
     restored = len(strategy.rounds)  # type: ignore[attr-defined]
+    strategy.round_offset = done  # type: ignore[attr-defined]
 
     def absolute_rounds() -> None:
         # The strategy counts the resumed part from 1; records carry the run's absolute round.

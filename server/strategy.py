@@ -30,6 +30,7 @@ class RoundGuard:
 
     def _guard_init(self) -> None:
         self.rounds: list[dict[str, Any]] = []
+        self.round_offset = 0  # rounds finished before a resume: messages name the run's round
         self._asked: list[int] = []
         self._t0 = time.monotonic()
 
@@ -63,7 +64,7 @@ class RoundGuard:
         if len(ok) < max(self.min_train_nodes, 1):
             reasons = sorted(set(failed.values())) or ["no reply"]
             raise RoundFailed(
-                f"round {server_round}: {len(ok)} of {len(self._asked)} nodes contributed "
+                f"round {server_round + self.round_offset}: {len(ok)} of {len(self._asked)} nodes contributed "
                 f"(minimum {self.min_train_nodes}); failures: {', '.join(reasons)}; "
                 f"{len(missing)} never answered"
             )
