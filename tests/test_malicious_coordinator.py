@@ -58,14 +58,12 @@ def test_bad_global_models_are_refused_and_nothing_is_charged(node_configs, run_
 
 
 def _overflow_model(run, bound: float) -> dict[str, torch.Tensor]:
-    """A unit that fires hard only when the newest centred lag is high, amplified at every layer
-    to the largest weights the plan allows (the issue's finding 1, within the bound)."""
+    """Every parameter at the largest magnitude allowed (alternating sign): activations, losses
+    and gradients as large as the bound permits (the issue's finding 1 used such weights)."""
     model = build_model(run.lags, run.horizon, 12)
     with torch.no_grad():
-        first, second, third = [m for m in model.net if isinstance(m, torch.nn.Linear)]
-        first.weight.zero_(), first.bias.fill_(-bound * 0.5)
-        first.weight[0, run.lags - 1] = bound
-        second.weight.fill_(bound), third.weight.fill_(bound)
+        for p in model.parameters():
+            p.copy_(bound * torch.where(torch.arange(p.numel()) % 2 == 0, 1.0, -1.0).reshape(p.shape))
     return model.state_dict()
 
 
