@@ -22,14 +22,18 @@ DEFAULTS: dict[str, Any] = {
     "num-server-rounds": 5,
     "local-epochs": 2,
     "batch-size": 16,
-    "lr": 0.2,
+    # Fine-tuning step of the pretrained forecaster; 0.2 (the old MLP's) undoes the pretraining
+    # under DP noise (benchmarks/FORECASTER.md).
+    "lr": 0.01,
     "clip-norm": 1.0,
     # Largest |parameter| a node accepts in a global model (public, part of the run plan).
     "weight-bound": 100.0,
     "epsilon": 3.0,
     "release-share": 0.15,
-    "release-blocks": 2,
-    "lags": 8,
+    # A year of 4-week block sums: the same weeks last year are in the input, and one Gaussian
+    # release on 13 disjoint blocks costs what 2 did (client/features.py).
+    "release-blocks": 13,
+    "lags": 52,
     "horizon": 4,
     "stride": 0,
     "period": "week",
@@ -49,6 +53,9 @@ DEFAULTS: dict[str, Any] = {
     "results-dir": "results",
     "run-name": "",
     "seed": 0,
+    # Public synthetic hospitals the first global model is pretrained on (client/pretrain.py);
+    # 0 starts from the data-free initialisation.
+    "pretrain-hospitals": 20,
     "round-timeout": 600.0,
     # Simulation only (`flwr run .` without per-node --node-config): where virtual node i finds
     # hospital_{i:03d}.csv; empty means "generate synthetic hospital i on the fly".
@@ -87,6 +94,7 @@ class RunSettings:
     results_dir: str
     run_name: str
     seed: int
+    pretrain_hospitals: int
     round_timeout: float
     sim_data_dir: str
 
@@ -127,6 +135,8 @@ class RunSettings:
         _one_of("measure", self.measure, MEASURES)
         _one_of("strategy", self.strategy, STRATEGIES)
         _one_of("policy", self.policy, POLICIES)
+        if self.pretrain_hospitals < 0:
+            raise ValueError(f"run-config pretrain-hospitals must be ≥ 0, got {self.pretrain_hospitals}")
         for name in ("num_server_rounds", "local_epochs", "batch_size", "lags", "horizon", "min_nodes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"run-config {name.replace('_', '-')} must be ≥ 1, got {getattr(self, name)}")

@@ -20,7 +20,7 @@ import pandas as pd
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from client.model import build_model
+from client.pretrain import initial_model
 from core.allocation import allocate
 from core.drg import DRG_GROUPS
 from core.run_config import RunSettings, plan_steps, public_examples
@@ -104,7 +104,8 @@ def run_federation(
     # Nodes key their run plan and ledger entries by this public name, so it must be sent.
     run = dataclasses.replace(run, run_name=name)
     out = RunOutcome(path=run_dir(run.results_dir, name))
-    model = build_model(run.lags, run.horizon, len(DRG_GROUPS), seed=run.seed)
+    # The first global model is pretrained on public synthetic hospitals (no ε, client/pretrain.py).
+    model = initial_model(run)
     arrays = ArrayRecord(model.state_dict())
     audit = MessageAudit.for_arrays(arrays, public_plan(run))
     grid = AuditingGrid(grid, audit)

@@ -47,9 +47,8 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid, ServerApp
 
-from client.model import build_model
+from client.pretrain import initial_model
 from client.secagg import FIT_STATUS_MESSAGE, PUBLIC_FIT_METRICS
-from core.drg import DRG_GROUPS
 from core.run_config import RunSettings
 from server.app import RunOutcome, RoundCallback, _allocate, _write, finish, predict_round, wait_for_nodes
 from server.audit import AuditingGrid, MessageAudit
@@ -204,7 +203,8 @@ def run_secagg_federation(
     name = run.run_name or datetime.now().strftime("run-%Y%m%d-%H%M%S")
     run = dataclasses.replace(run, run_name=name)  # nodes key their run plan by this name
     out = RunOutcome(path=run_dir(run.results_dir, name))
-    model = build_model(run.lags, run.horizon, len(DRG_GROUPS), seed=run.seed)
+    # The first global model is pretrained on public synthetic hospitals (no ε, client/pretrain.py).
+    model = initial_model(run)
     initial = ArrayRecord(model.state_dict())
     keys = list(initial.keys())
     audit = SecAggAudit.for_arrays(initial)

@@ -17,19 +17,21 @@ Methods (name → what it does):
 - ``federated``: FedAvg over the same nodes without DP (train_dp with noise_multiplier=None).
 - ``federated_dp``: the real system, `simulations.driver.simulate(engine="inprocess")`.
 
-All model-based methods use the same model, the same initial weights (seed = run seed), and the same
-total number of local epochs (rounds × local-epochs), so the only differences are pooling, federation
-and privacy.
+All model-based methods use the same model, the same initial weights (the public pretrained model
+of `client.pretrain.initial_model(run)`, which is also the federation's first global model), and the
+same total number of local epochs (rounds × local-epochs), so the only differences are pooling,
+federation and privacy.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from functools import lru_cache
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -104,6 +106,11 @@ def synthetic_hospitals(out_dir: Path, hospitals: int, seed: int, run: RunSettin
 # ---------------------------------------------------------------- naive forecasts
 
 
+def season_periods(period: str) -> int:
+    """Periods in one season (52 weeks, or 364 days: the same weekdays a year earlier)."""
+    return SEASON_WEEKS if period == "week" else 7 * SEASON_WEEKS
+
+
 def seasonal_naive(series: pd.DataFrame | np.ndarray, horizon: int, season: int = SEASON_WEEKS) -> float:
     """Σ of the `horizon` periods exactly one season before the forecast horizon.
 
@@ -143,9 +150,9 @@ def _pool(examples: Sequence[Any]) -> Any:
 
 
 def _new_model(run: RunSettings) -> Any:
-    from client.model import build_model
+    from client.pretrain import initial_model
 
-    return build_model(run.lags, run.horizon, len(DRG_GROUPS), seed=run.seed)
+    return initial_model(run)
 
 
 def forecast_total(model: Any, series: pd.DataFrame, run: RunSettings, noise_std: float = 0.0,
@@ -262,6 +269,38 @@ def federated(h: Hospitals, run: RunSettings,
     return np.array([forecast_total(global_model, s, run) for s in h.series])
 
 
+@contextlib.contextmanager
+def coordinator_starts_pretrained(run: RunSettings) -> Iterator[None]:
+    """In-process federations start from `client.pretrain.initial_model(run)`, as the baselines do.
+
+    Interim, until server/app.py builds its first global model with `initial_model(run)` (the
+    change is proposed to its owner): for the duration, `server.app.build_model` returns the
+    pretrained weights for this run's shapes. A no-op once server/app.py has `initial_model`.
+    Only affects this process (the in-process engine), never a deployed coordinator.
+    """
+    import server.app as server_app
+
+    if hasattr(server_app, "initial_model"):
+        yield
+        return
+    from client.pretrain import initial_model
+
+    original = server_app.build_model
+    start = initial_model(run)
+
+    def build(lags: int, horizon: int, n_groups: int, seed: int = 0, **kw: Any) -> Any:
+        model = original(lags, horizon, n_groups, seed=seed, **kw)
+        if (lags, horizon) == (run.lags, run.horizon):
+            model.load_state_dict(start.state_dict())
+        return model
+
+    server_app.build_model = build
+    try:
+        yield
+    finally:
+        server_app.build_model = original
+
+
 def federated_dp(h: Hospitals, run: RunSettings, results_dir: Path, run_name: str,
                  on_round: Callable[[int, int, dict[str, Any]], None] | None = None) -> tuple[np.ndarray, np.ndarray, Any]:
     """The real federation (in-process Flower grid, per-node ledgers); (D_i, ε per node, outcome)."""
@@ -269,13 +308,15 @@ def federated_dp(h: Hospitals, run: RunSettings, results_dir: Path, run_name: st
 
     if math.isinf(run.epsilon):
         raise ValueError("federated_dp needs a finite ε; ε = inf is the non-private `federated` baseline")
-    keys = ("local-epochs", "batch-size", "lr", "clip-norm", "release-share", "lags", "horizon", "start", "cutoff",
-            "period", "measure", "los-cap", "stride")
-    overrides = {k: run.as_config()[k] for k in keys}
-    outcome = simulate(hospitals=len(h.names), rounds=run.num_server_rounds, epsilon=run.epsilon,
-                       data_dir=h.data_dir, resources=h.resources_file, engine="inprocess",
-                       results_dir=str(results_dir), run_name=run_name, seed=run.seed, overrides=overrides,
-                       on_round=on_round, synthetic_data=h.synthetic)
+    # Every run-config key except those simulate() sets itself (release-blocks and the rest must
+    # reach the nodes: the model is trained on the block structure it is later shown).
+    own = {"num-server-rounds", "epsilon", "results-dir", "run-name", "seed", "resources-file"}
+    overrides = {k: v for k, v in run.as_config().items() if k not in own}
+    with coordinator_starts_pretrained(run):
+        outcome = simulate(hospitals=len(h.names), rounds=run.num_server_rounds, epsilon=run.epsilon,
+                           data_dir=h.data_dir, resources=h.resources_file, engine="inprocess",
+                           results_dir=str(results_dir), run_name=run_name, seed=run.seed, overrides=overrides,
+                           on_round=on_round, synthetic_data=h.synthetic)
     if outcome.error or outcome.allocations is None:
         raise RuntimeError(f"federated DP run failed: {outcome.error}")
     table = outcome.allocations.set_index("hospital")
@@ -317,6 +358,9 @@ def score(pred: np.ndarray, h: Hospitals, total: float = 1000.0,
         "mae": float(np.mean(np.abs(err))),
         "rmse": _rmse(err),
         "smape": float(np.mean(per.smape)),
+        # signed: Σ over hospitals and origins of signed_error / Σ of true_mean is the bias share
+        "signed_error": float(np.mean(err)),
+        "true_mean": float(np.mean(true)),
     }
     overall["nonfinite"] = float(np.sum(~np.isfinite(pred)))  # diverged forecasts (inf/NaN)
     # The allocation core rejects negative and non-finite demand: a forecast < 0 means 0, and a
@@ -357,13 +401,13 @@ def evaluate(method: str, pred: np.ndarray, eps_spent: np.ndarray, epsilon: floa
 
 def run_non_private(h: Hospitals, run: RunSettings,
                     methods: Sequence[str] = NON_PRIVATE) -> list[MethodResult]:
-    """The baselines that do not depend on ε (computed once per seed)."""
+    """The baselines that do not depend on ε (computed once per seed and origin)."""
     inf = np.full(len(h.names), math.inf)
     out = []
     for m in methods:
         rounds: list[dict[str, Any]] = []
         if m == "seasonal_naive":
-            pred = np.array([seasonal_naive(s, run.horizon) for s in h.series])
+            pred = np.array([seasonal_naive(s, run.horizon, season_periods(run.period)) for s in h.series])
         elif m == "last_value":
             pred = np.array([last_value(s, run.horizon) for s in h.series])
         elif m == "centralised":

@@ -221,7 +221,7 @@ class AuditConfig:
     lr: float = 0.3
     clip_norm: float = 1.0
     delta: float = 1e-5
-    blocks: int | None = None  # lag-window block averaging; None = the run-config default (if supported)
+    blocks: int | None = 2  # lag-window block averaging of the audit's own 8-lag windows (None: run-config default)
     shadows: int = 0  # reference models for the calibrated attack (0 = loss attack only)
 
 

@@ -113,7 +113,7 @@ def plot_privacy_utility(table: pd.DataFrame, path: Path, metrics: tuple[str, ..
         ax.set_ylabel({"mae": "MAE of D_i", "alloc_error_seed": "allocation error (seed policy)"}.get(metric, metric))
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle("Privacy–utility (mean ± std over seeds)")
+    fig.suptitle("Privacy–utility (mean ± std over seeds and origins)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -200,6 +200,8 @@ def plot_allocation(per: pd.DataFrame, path: Path, eps: float, policy: str = "se
     if method.endswith("_dp"):
         sel = sel[sel.epsilon == eps]
     sel = sel[sel.seed == sel.seed.min()]
+    if "origin" in sel and len(sel):
+        sel = sel[sel.origin.astype(str) == sel.origin.astype(str).max()]  # the last origin (the cutoff)
     col_t, col_p = f"alloc_true_{policy}", f"alloc_pred_{policy}"
     if sel.empty or col_t not in sel:
         return None
@@ -213,9 +215,43 @@ def plot_allocation(per: pd.DataFrame, path: Path, eps: float, policy: str = "se
     ax.set_xlabel("hospital")
     ax.set_ylabel("allocation")
     eps_txt = f", ε={eps:g}" if method.endswith("_dp") else ""
-    ax.set_title(f"Allocation ({policy} policy{eps_txt}, seed {int(sel.seed.min())}): true vs predicted")
+    origin_txt = f", origin {sel.origin.iloc[0]}" if "origin" in sel else ""
+    ax.set_title(f"Allocation ({policy} policy{eps_txt}, seed {int(sel.seed.min())}{origin_txt}): true vs predicted")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_backtest(table: pd.DataFrame, path: Path, eps: float) -> Path | None:
+    """MAE per forecast origin (mean over seeds): naive baselines and the DP methods at `eps`."""
+    if "origin" not in table or table.origin.nunique() < 2:
+        return None
+    plt = _plt()
+    sub = table[table.metric == "mae"]
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    for method in LABELS:
+        sel = sub[sub.method == method]
+        if method.endswith("_dp"):
+            sel = sel[sel.epsilon == eps]
+        if sel.empty:
+            continue
+        g = sel.groupby(sel.origin.astype(str))["value"].mean().sort_index()
+        label = LABELS[method] + (f" (ε={eps:g})" if method.endswith("_dp") else "")
+        ax.plot(list(g.index), g.to_numpy(dtype=float), marker="o", color=COLORS[method],
+                linestyle=BASELINE_STYLE.get(method, "-"), label=label)
+    ax.set_xlabel("forecast origin")
+    ax.set_ylabel("MAE of D_i (mean over seeds)")
+    ax.set_title("Rolling-origin backtest")
+    vals = sub["value"].to_numpy(dtype=float)
+    vals = vals[np.isfinite(vals) & (vals > 0)]
+    if len(vals) and vals.max() / vals.min() > 50:
+        ax.set_yscale("log")
+    ax.tick_params(axis="x", labelrotation=30)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -255,6 +291,31 @@ def _fmt(cell: Any) -> str:
     return html.escape(str(cell))
 
 
+def _backtest_html(table: pd.DataFrame) -> str:
+    from simulations.sweep import backtest_summary
+
+    bt = backtest_summary(table)
+    if bt.empty:
+        return ""
+    n = int(bt.cells.max())
+    head = ("<tr><th>method</th><th>ε</th><th>MAE</th><th>relative MAE</th><th>alloc err (seed)</th>"
+            "<th>bias %</th><th>ε spent (max)</th></tr>")
+
+    def pm(row: Any, m: str) -> str:
+        return _fmt((getattr(row, m), getattr(row, f"{m}_std")))
+
+    rows = "".join(
+        f"<tr><td>{_fmt(LABELS.get(r.method, r.method))}</td><td>{_fmt(float(r.epsilon))}</td><td>{pm(r, 'mae')}</td>"
+        f"<td>{pm(r, 'rel_mae')}</td><td>{pm(r, 'alloc_error_seed')}</td>"
+        f"<td>{'–' if not math.isfinite(r.bias_pct) else f'{r.bias_pct:+.2f}'}</td>"
+        f"<td>{'–' if not math.isfinite(r.epsilon_spent_max) else f'{r.epsilon_spent_max:.4g}'}</td></tr>"
+        for r in bt.itertuples(index=False))
+    return (f"<p>Mean ± std over {n} (seed, origin) cells. Relative MAE: the method's MAE divided by the better "
+            "of the seasonal naive and last-value MAE at the same seed and origin, then averaged. Bias: "
+            "Σ(D̂ − D) / Σ D over hospitals, origins and seeds.</p>"
+            f"<table>{head}{rows}</table>")
+
+
 def make_report(sweep_dir: str | Path) -> Path:
     """Write privacy_utility.png, rounds.png, per_hospital.png, allocation.png and report.html."""
     d = Path(sweep_dir)
@@ -268,7 +329,11 @@ def make_report(sweep_dir: str | Path) -> Path:
     a = plot_allocation(per, d / "allocation.png", eps)
     if a:
         pngs.append(("Allocation", a))
+    b = plot_backtest(table, d / "backtest.png", eps)
+    if b:
+        pngs.append(("Backtest: error per forecast origin", b))
     summary = summary_frame(table)
+    backtest = _backtest_html(table)
     cols = list(summary.columns)
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
     body = "".join(
@@ -294,8 +359,10 @@ figure {{ margin: 1.5em 0; }} img {{ max-width: 100%; }}
 <h1>fedalloc privacy–utility sweep</h1>
 <p>Configuration: <code>{html.escape(json.dumps(cfg))}</code></p>
 <p>D_i is each hospital's total demand over the forecast horizon after the cutoff. Errors are against the
-true demand; allocation error is Σ|A_pred − A_true| / A_total. Values are mean ± std over seeds;
+true demand; allocation error is Σ|A_pred − A_true| / A_total. Values are mean ± std over seeds and forecast origins;
 non-private methods have ε = ∞. Per-hospital plots use ε = {_fmt(float(eps))}.</p>
+<h2>Backtest</h2>
+{backtest}
 <h2>Summary</h2>
 <table><tr>{head}</tr>{body}</table>
 <h2>Figures</h2>

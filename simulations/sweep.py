@@ -1,15 +1,25 @@
-"""The privacy–utility sweep: ε grid × seeds, every method on the same hospitals per seed.
+"""The privacy–utility sweep: ε grid × seeds × forecast origins, every method on the same hospitals.
 
 For each seed the synthetic hospitals are generated once (deterministic by seed) and every method
-sees the same files. Non-private baselines do not depend on ε and run once per seed; `local_dp`
-and `federated_dp` run at every finite ε. At ε = inf they are, by definition, the non-private
-`local` and `federated` baselines, whose results are reused rather than retrained.
+sees the same files. Rolling-origin backtest: with `origins = K` every method is evaluated at K
+forecast origins, the last at the run's `cutoff`, each one `horizon` periods before the next; at
+each origin every method sees only the series before it (the origin is the run's public cutoff),
+and the federation is a fresh one (a new run, fresh per-run ledgers for generated hospitals).
+Non-private baselines do not depend on ε and run once per (seed, origin); `local_dp` and
+`federated_dp` run at every finite ε. At ε = inf they are, by definition, the non-private `local`
+and `federated` baselines, whose results are reused rather than retrained.
+
+Every result also gets `rel_mae`: its MAE divided by the better (lower-MAE) of the seasonal naive
+and last-value forecasts at the same (seed, origin), computed whether or not those two methods
+were asked for; `backtest_summary` averages it over origins and seeds.
 
 Writes into `out_dir`:
-- ``sweep.csv``: tidy, one row per (seed, epsilon, method, metric, value), overall metrics;
-- ``per_hospital.csv``: one row per (seed, epsilon, method, hospital) with D_i, errors, allocations;
+- ``sweep.csv``: tidy, one row per (seed, origin, epsilon, method, metric, value), overall metrics;
+- ``per_hospital.csv``: one row per (seed, origin, epsilon, method, hospital) with D_i, errors,
+  allocations;
 - ``rounds.csv``: per-round records (MAE per round of the non-private FedAvg; ε per round of DP runs);
-- ``metrics.json``: mean ± std over seeds of every metric per (method, epsilon);
+- ``metrics.json``: mean ± std over seeds and origins of every metric per (method, epsilon), and the
+  backtest summary;
 - plots (PNG) and ``report.html`` (see simulations.report).
 """
 
@@ -18,6 +28,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -28,6 +39,9 @@ from simulations import baselines as B
 
 EPSILONS = (0.5, 1.0, 3.0, 8.0, math.inf)
 SEEDS = (0, 1)
+NAIVE = ("seasonal_naive", "last_value")
+SUMMARY_METRICS = ("mae", "rel_mae", "alloc_error_seed", "alloc_error_proportional", "alloc_error_need_gap")
+PERIOD_DAYS = {"week": 7, "day": 1}
 
 
 @dataclass
@@ -61,8 +75,55 @@ def _eps_label(e: float) -> str:
     return "inf" if math.isinf(e) else f"{e:g}"
 
 
+def forecast_origins(cutoff: str, origins: int, horizon: int, period: str = "week") -> list[str]:
+    """`origins` forecast origins (ISO dates), oldest first, the last at `cutoff`, one horizon apart."""
+    if int(origins) != origins or origins < 1:
+        raise ValueError(f"origins must be a positive integer, got {origins!r}")
+    if period not in PERIOD_DAYS:
+        raise ValueError(f"unknown period {period!r}")
+    last = pd.Timestamp(cutoff).normalize()
+    step = pd.Timedelta(days=horizon * PERIOD_DAYS[period])
+    return [str((last - step * (origins - 1 - j)).date()) for j in range(int(origins))]
+
+
+def with_relative_mae(results: Sequence[B.MethodResult], reference: float) -> None:
+    """Add `rel_mae` = MAE / `reference` (the better naive MAE at the same seed and origin)."""
+    for res in results:
+        mae = res.overall.get("mae", math.nan)
+        with np.errstate(all="ignore"):
+            res.overall["rel_mae"] = float(mae / reference) if reference > 0 else math.nan
+
+
+def backtest_summary(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per (method, epsilon): mean and std over (seed, origin) of MAE, relative MAE and
+    allocation errors, the bias as a share of total true demand pooled over hospitals, origins
+    and seeds (`bias_pct` = 100·Σ signed error / Σ true demand), the largest ε spent, and how many
+    (seed, origin) cells were averaged."""
+    rows = []
+    order = {m: i for i, m in enumerate(B.METHODS)}
+    for (method, eps), grp in table.groupby(["method", "epsilon"], sort=False):
+        by = {m: g["value"].to_numpy(dtype=float) for m, g in grp.groupby("metric")}
+        row: dict[str, Any] = {"method": method, "epsilon": float(eps)}
+        with np.errstate(all="ignore"):
+            for m in SUMMARY_METRICS:
+                v = by.get(m, np.array([]))
+                row[m] = float(np.mean(v)) if len(v) else math.nan
+                row[f"{m}_std"] = float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
+            signed, true = by.get("signed_error", np.array([])), by.get("true_mean", np.array([]))
+            row["bias_pct"] = float(100 * np.sum(signed) / np.sum(true)) if len(true) and np.sum(true) > 0 else math.nan
+            spent = by.get("epsilon_spent_max", np.array([]))
+            row["epsilon_spent_max"] = float(np.max(spent)) if len(spent) else math.nan
+        row["cells"] = int(len(by.get("mae", [])))
+        rows.append(row)
+    out = pd.DataFrame(rows)
+    if out.empty:
+        return out
+    out["_o"] = out.method.map(order).fillna(99)
+    return out.sort_values(["_o", "epsilon"]).drop(columns="_o").reset_index(drop=True)
+
+
 def aggregate(table: pd.DataFrame) -> dict[str, Any]:
-    """{"method@eps": {metric: {"mean", "std", "n"}}} over seeds (std with ddof=1, 0 for n = 1)."""
+    """{"method@eps": {metric: {"mean", "std", "n"}}} over seeds and origins (std with ddof=1, 0 for n = 1)."""
     out: dict[str, Any] = {}
     for (method, eps, metric), grp in table.groupby(["method", "epsilon", "metric"], sort=False):
         v = grp["value"].to_numpy(dtype=float)
@@ -99,6 +160,7 @@ def run_sweep(
     data_dir: str | Path | None = None,
     report: bool = True,
     on_step: Callable[[str], None] | None = None,
+    origins: int = 1,
 ) -> SweepResult:
     """Run the grid and write the tidy CSV, metrics.json and (with report=True) plots + HTML.
 
@@ -112,7 +174,8 @@ def run_sweep(
     torch.set_num_threads(1)
     try:
         return _run_sweep(out_dir, hospitals=hospitals, epsilons=epsilons, seeds=seeds, rounds=rounds,
-                          overrides=overrides, methods=methods, data_dir=data_dir, report=report, on_step=on_step)
+                          overrides=overrides, methods=methods, data_dir=data_dir, report=report, on_step=on_step,
+                          origins=origins)
     finally:
         torch.set_num_threads(threads)
 
@@ -129,6 +192,7 @@ def _run_sweep(
     data_dir: str | Path | None,
     report: bool,
     on_step: Callable[[str], None] | None,
+    origins: int,
 ) -> SweepResult:
     out = Path(out_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -142,12 +206,13 @@ def _run_sweep(
     per_rows: list[pd.DataFrame] = []
     round_rows: list[dict[str, Any]] = []
 
-    def record(seed: int, res: B.MethodResult, eps: float) -> None:
+    def record(seed: int, origin: str, res: B.MethodResult, eps: float) -> None:
         for metric, value in res.overall.items():
-            tidy.append({"seed": seed, "epsilon": eps, "method": res.method, "metric": metric, "value": value})
-        per_rows.append(res.per_hospital.assign(seed=seed, epsilon=eps, method=res.method))
+            tidy.append({"seed": seed, "origin": origin, "epsilon": eps, "method": res.method, "metric": metric,
+                         "value": value})
+        per_rows.append(res.per_hospital.assign(seed=seed, origin=origin, epsilon=eps, method=res.method))
         for rec in res.rounds:
-            row = {"seed": seed, "epsilon": eps, "method": res.method, "round": rec.get("round")}
+            row = {"seed": seed, "origin": origin, "epsilon": eps, "method": res.method, "round": rec.get("round")}
             for k in ("mae", "mean_epsilon", "ok", "asked", "seconds"):
                 if k in rec:
                     row[k] = rec[k]
@@ -157,41 +222,58 @@ def _run_sweep(
         if on_step:
             on_step(msg)
 
+    # every sweep gets its own folder of federation runs: run names are never reused
+    runs_dir = out / "runs" / datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+    dates: list[str] = []
     for seed in seeds:
         settings = {**(overrides or {}), "seed": int(seed)}
         if rounds is not None:
             settings["num-server-rounds"] = int(rounds)
         base_run = B.run_settings(**settings)
-        if data_dir is not None:
-            h = B.load_hospitals(Path(data_dir), base_run)
-        else:
-            h = B.synthetic_hospitals(out / "data" / f"seed{seed}", hospitals, int(seed), base_run)
-        # `local` and `federated` are needed for ε = inf of their DP versions even if not asked for
-        needed = list(non_private)
-        if math.inf in epsilons:
-            for dp, plain in (("local_dp", "local"), ("federated_dp", "federated")):
-                if dp in private and plain not in needed:
-                    needed.append(plain)
-        plain_results: dict[str, B.MethodResult] = {}
-        for m in needed:
-            step(f"seed {seed}: {m}")
-            res = B.run_non_private(h, base_run, [m])[0]
-            plain_results[m] = res
-            if m in non_private:
-                record(seed, res, math.inf)
-        for eps in epsilons:
-            for m in private:
-                step(f"seed {seed}: {m} at ε={_eps_label(eps)}")
-                if math.isinf(eps):
-                    src = plain_results["local" if m == "local_dp" else "federated"]
-                    res = B.MethodResult(m, eps, src.pred, src.eps_spent, dict(src.overall),
-                                         src.per_hospital.copy(), list(src.rounds))
-                else:
-                    run = B.run_settings(**{**settings, "epsilon": eps})
-                    res = B.run_private(h, run, out / "runs", f"seed{seed}-eps{_eps_label(eps)}", [m])[0]
-                record(seed, res, eps)
+        dates = forecast_origins(base_run.cutoff, origins, base_run.horizon, base_run.period)
+        for origin in dates:
+            at = {**settings, "cutoff": origin}
+            base = B.run_settings(**at)
+            if data_dir is not None:
+                h = B.load_hospitals(Path(data_dir), base)
+            else:
+                h = B.synthetic_hospitals(out / "data" / f"seed{seed}", hospitals, int(seed), base)
+            where = f"seed {seed}, origin {origin}"
+            # the reference of rel_mae: the better naive forecast at this (seed, origin)
+            naive_ok = [m for m in NAIVE
+                        if m != "seasonal_naive" or len(h.series[0]) >= B.season_periods(base.period)]
+            naive = {r.method: r for r in B.run_non_private(h, base, naive_ok)}
+            reference = min(r.overall["mae"] for r in naive.values())
+            # `local` and `federated` are needed for ε = inf of their DP versions even if not asked for
+            needed = list(non_private)
+            if math.inf in epsilons:
+                for dp, plain in (("local_dp", "local"), ("federated_dp", "federated")):
+                    if dp in private and plain not in needed:
+                        needed.append(plain)
+            cell: list[tuple[B.MethodResult, float]] = []
+            plain_results: dict[str, B.MethodResult] = {}
+            for m in needed:
+                step(f"{where}: {m}")
+                res = naive[m] if m in naive else B.run_non_private(h, base, [m])[0]
+                plain_results[m] = res
+                if m in non_private:
+                    cell.append((res, math.inf))
+            for eps in epsilons:
+                for m in private:
+                    step(f"{where}: {m} at ε={_eps_label(eps)}")
+                    if math.isinf(eps):
+                        src = plain_results["local" if m == "local_dp" else "federated"]
+                        res = B.MethodResult(m, eps, src.pred, src.eps_spent, dict(src.overall),
+                                             src.per_hospital.copy(), list(src.rounds))
+                    else:
+                        run = B.run_settings(**{**at, "epsilon": eps})
+                        res = B.run_private(h, run, runs_dir, f"seed{seed}-{origin}-eps{_eps_label(eps)}", [m])[0]
+                    cell.append((res, eps))
+            with_relative_mae([res for res, _ in cell], reference)
+            for res, eps in cell:
+                record(seed, origin, res, eps)
 
-    table = pd.DataFrame(tidy, columns=["seed", "epsilon", "method", "metric", "value"])
+    table = pd.DataFrame(tidy, columns=["seed", "origin", "epsilon", "method", "metric", "value"])
     per = pd.concat(per_rows, ignore_index=True) if per_rows else pd.DataFrame()
     rounds_df = pd.DataFrame(round_rows)
     table.to_csv(out / "sweep.csv", index=False)
@@ -200,8 +282,9 @@ def _run_sweep(
     metrics = {
         "config": _json_safe({"hospitals": hospitals if data_dir is None else len(per.hospital.unique()),
                               "epsilons": list(epsilons), "seeds": list(seeds), "rounds": rounds,
-                              "methods": list(methods), "overrides": dict(overrides or {})}),
+                              "origins": dates, "methods": list(methods), "overrides": dict(overrides or {})}),
         "results": _json_safe(aggregate(table)),
+        "backtest": _json_safe(backtest_summary(table).to_dict(orient="records")),
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=False))
     result = SweepResult(out, table, per, rounds_df, metrics)

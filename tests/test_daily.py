@@ -12,7 +12,7 @@ def test_daily_run_on_four_months_of_history(tmp_path):
     res = CliRunner().invoke(app, [
         "simulate", "--engine", "inprocess", "--hospitals", "3", "--rounds", "1", "--out", str(tmp_path),
         "--name", "daily", "--start", "2025-08-01", "--cutoff", "2025-12-01",
-        "--run-config", "period='day' lags=14 horizon=7 local-epochs=1"])
+        "--run-config", "period='day' lags=14 release-blocks=2 horizon=7 local-epochs=1"])
     assert res.exit_code == 0, res.output
     fc = pd.read_csv(tmp_path / "daily" / "forecasts.csv")
     # a 7-day horizon of daily admissions: the truth is a week, not four weeks, of demand

@@ -96,16 +96,16 @@ def test_eps_lower_bound():
 
 @pytest.fixture(scope="module")
 def audit():
-    cfg = AuditConfig(hospitals=2, epochs=60, shadows=1)
+    cfg = AuditConfig(hospitals=2, epochs=150, shadows=1)
     return run_audit([math.inf, 1.0], seeds=[0], config=cfg, keep_scores=True)
 
 
 def test_overfitted_model_is_attackable(audit):
     row = audit[(audit.eps == math.inf) & (audit.attack == "loss")].iloc[0]
-    # Measured with this config (lag window in 2 block means, plain SGD at lr 0.3) over seeds
-    # 0–3: AUC 0.74, 0.80, 0.78, 0.80. Under the null (no
-    # leakage) the AUC of 96 vs 96 is ≈ N(0.5, 0.042), so 0.65 is > 3.5σ above chance and still
-    # 0.09 below the lowest measured value.
+    # Measured with this config (lag window in 2 block means, plain SGD at lr 0.3, targets the
+    # horizon mean) over seeds 0–3: AUC 0.78, 0.80, 0.72, 0.75. (At 60 epochs seed 0 gave 0.646: the
+    # horizon-mean target is less noisy, so the MLP needs longer to memorise.) Under the null (no
+    # leakage) the AUC of 96 vs 96 is ≈ N(0.5, 0.042), so 0.65 is > 3.5σ above chance.
     assert row.auc > 0.65
     assert row.advantage > 0.3
 

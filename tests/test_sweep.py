@@ -1,4 +1,5 @@
-"""The ε sweep, its report and the baselines (fast: 3 hospitals, 1 round, short series)."""
+"""The ε sweep, its rolling-origin backtest, its report and the baselines (fast: 3 hospitals,
+1 round, short series, 2 origins)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,10 @@ import pytest
 from simulations import baselines as B
 from simulations.sweep import aggregate, parse_epsilons, run_sweep
 
-# 60 weeks of history (≥ 52 for the seasonal naive), 5 disjoint windows per group.
+# 60 weeks of history at the cutoff, 56 at the first of 2 origins (≥ 52 for the seasonal naive);
+# ≥ 4 disjoint windows per group.
 FAST = {"start": "2024-10-07", "local-epochs": 1}
+ORIGINS = ["2025-11-03", "2025-12-01"]
 METHODS = ("seasonal_naive", "last_value", "centralised", "local", "federated", "local_dp")
 CHROMIUM = "/usr/bin/chromium"
 
@@ -28,7 +31,7 @@ def sweep(tmp_path_factory):
     # federated_dp at finite ε runs the whole Flower federation (~1 min on a loaded 2-core box;
     # the federation itself is covered by test_federation), so the fast grid leaves it out.
     return run_sweep(out, hospitals=3, epsilons=[1.0, math.inf], seeds=[0], rounds=1, overrides=FAST,
-                     methods=METHODS)
+                     methods=METHODS, origins=2)
 
 
 def test_sweep_writes_every_artefact(sweep):
@@ -39,16 +42,22 @@ def test_sweep_writes_every_artefact(sweep):
     for png in d.glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
     tidy = pd.read_csv(d / "sweep.csv")
-    assert list(tidy.columns) == ["seed", "epsilon", "method", "metric", "value"]
+    assert list(tidy.columns) == ["seed", "origin", "epsilon", "method", "metric", "value"]
     assert set(tidy.method) == set(METHODS)
+    assert sorted(tidy.origin.unique()) == ORIGINS
+    # every (origin, method, ε) has exactly one value per metric
+    assert not tidy.duplicated(["seed", "origin", "epsilon", "method", "metric"]).any()
     # local_dp ran at both grid points; the naive baselines only at ε = inf
     assert set(tidy.loc[tidy.method == "local_dp", "epsilon"]) == {1.0, math.inf}
     assert set(tidy.loc[tidy.method == "seasonal_naive", "epsilon"]) == {math.inf}
     metrics = json.loads((d / "metrics.json").read_text())
     mae = metrics["results"]["local_dp@1"]["mae"]
-    assert set(mae) == {"mean", "std", "n"} and mae["n"] == 1 and math.isfinite(mae["mean"])
+    assert set(mae) == {"mean", "std", "n"} and mae["n"] == 2 and math.isfinite(mae["mean"])  # 1 seed × 2 origins
+    assert metrics["config"]["origins"] == ORIGINS
+    assert {r["method"] for r in metrics["backtest"]} == set(METHODS)
     per = pd.read_csv(d / "per_hospital.csv")
-    assert len(per) == 3 * (len(METHODS) + 1)  # local_dp at ε = 1 and ε = inf
+    assert len(per) == 2 * 3 * (len(METHODS) + 1)  # 2 origins; local_dp at ε = 1 and ε = inf
+    assert "backtest.png" in {p.name for p in d.glob("*.png")}
 
 
 def test_private_and_baseline_metrics_are_finite(sweep):
@@ -57,11 +66,66 @@ def test_private_and_baseline_metrics_are_finite(sweep):
                             "alloc_error_need_gap", "gini_pred_seed", "jain_pred_seed"])]
     assert len(core) > 0 and np.isfinite(core.value).all(), core[~np.isfinite(core.value)]
     spent = t[(t.method == "local_dp") & (t.epsilon == 1.0) & (t.metric == "epsilon_spent_max")].value
-    assert len(spent) == 1 and 0.5 < float(spent.iloc[0]) <= 1.0 + 1e-9
+    assert len(spent) == 2 and ((0.5 < spent) & (spent <= 1.0 + 1e-9)).all()  # one fresh plan per origin
     # ε = inf local_dp is the non-private local baseline, reused not retrained
-    plain = t[(t.method == "local") & (t.metric == "mae")].value.iloc[0]
-    dp_inf = t[(t.method == "local_dp") & (t.epsilon == math.inf) & (t.metric == "mae")].value.iloc[0]
-    assert plain == dp_inf
+    plain = t[(t.method == "local") & (t.metric == "mae")].set_index("origin").value
+    dp_inf = t[(t.method == "local_dp") & (t.epsilon == math.inf) & (t.metric == "mae")].set_index("origin").value
+    assert plain.to_dict() == dp_inf.to_dict()
+
+
+def test_each_origin_sees_only_its_past_and_is_scored_on_its_own_horizon(sweep):
+    """At every origin the naive forecasts come from the series before it and the truth is the
+    horizon after it (recomputed here from the records files)."""
+    from core.records import load_records
+    from core.series import demand_series
+
+    per = sweep.per_hospital
+    data = sweep.path / "data" / "seed0"
+    for origin in ORIGINS:
+        at = per[(per.origin == origin)]
+        for hospital in ("hospital_000", "hospital_002"):
+            s = demand_series(load_records(data / f"{hospital}.csv"), start=FAST["start"], end="2026-01-05")
+            past = s.loc[s.index < origin]
+            future = s.loc[s.index >= origin].iloc[:4].to_numpy().sum()
+            row = at[(at.hospital == hospital) & (at.method == "seasonal_naive")].iloc[0]
+            assert row.pred_demand == B.seasonal_naive(past, 4)
+            assert row.true_demand == future
+            lv = at[(at.hospital == hospital) & (at.method == "last_value")].iloc[0]
+            assert lv.pred_demand == B.last_value(past, 4)
+    # the two origins are different problems
+    t = per[per.method == "seasonal_naive"].groupby("origin").true_demand.sum()
+    assert t[ORIGINS[0]] != t[ORIGINS[1]]
+
+
+def test_relative_mae_is_against_the_better_naive_per_origin(sweep):
+    t = sweep.table
+    mae = t[t.metric == "mae"].set_index(["origin", "method", "epsilon"]).value
+    rel = t[t.metric == "rel_mae"].set_index(["origin", "method", "epsilon"]).value
+    for origin in ORIGINS:
+        best = min(mae[(origin, "seasonal_naive", math.inf)], mae[(origin, "last_value", math.inf)])
+        for (o, m, e), v in rel.items():
+            if o == origin:
+                assert v == pytest.approx(mae[(o, m, e)] / best)
+        assert min(rel[(origin, "seasonal_naive", math.inf)], rel[(origin, "last_value", math.inf)]) == 1.0
+
+
+def test_forecast_origins_and_backtest_summary():
+    from simulations.sweep import backtest_summary, forecast_origins
+
+    assert forecast_origins("2025-12-01", 3, 4) == ["2025-10-06", "2025-11-03", "2025-12-01"]
+    assert forecast_origins("2025-12-01", 2, 7, "day") == ["2025-11-24", "2025-12-01"]
+    assert forecast_origins("2025-12-01", 1, 4) == ["2025-12-01"]
+    with pytest.raises(ValueError):
+        forecast_origins("2025-12-01", 0, 4)
+    rows = []
+    for origin, (mae, rel, signed, true) in {"a": (10.0, 0.5, -4.0, 100.0), "b": (30.0, 1.5, 2.0, 300.0)}.items():
+        for metric, value in (("mae", mae), ("rel_mae", rel), ("signed_error", signed), ("true_mean", true),
+                              ("alloc_error_seed", 0.1), ("epsilon_spent_max", 2.5 if origin == "a" else 3.0)):
+            rows.append({"seed": 0, "origin": origin, "epsilon": 3.0, "method": "federated_dp", "metric": metric,
+                         "value": value})
+    s = backtest_summary(pd.DataFrame(rows)).iloc[0]
+    assert s.mae == 20.0 and s.rel_mae == 1.0 and s.cells == 2 and s.epsilon_spent_max == 3.0
+    assert s.bias_pct == pytest.approx(100 * (-4.0 + 2.0) / 400.0)  # pooled, not a mean of ratios
 
 
 class _Imgs(HTMLParser):
@@ -162,12 +226,18 @@ def test_sweep_command_runs_and_rejects_bad_grid(tmp_path):
     bad = runner.invoke(app, ["sweep", "--epsilons", "0,1", "--out", str(tmp_path / "bad")])
     assert bad.exit_code == 2 and "positive" in bad.output
     ok = runner.invoke(app, ["sweep", "--hospitals", "2", "--seeds", "1", "--epsilons", "inf", "--methods",
-                             "seasonal_naive,last_value", "--start", "2024-10-07", "--no-report",
-                             "--out", str(tmp_path / "ok")])
+                             "seasonal_naive,last_value", "--start", "2024-10-07", "--no-report", "--origins", "3",
+                             "--run-config", "horizon=2", "--out", str(tmp_path / "ok")])
     assert ok.exit_code == 0, ok.output
+    assert "rel. MAE" in ok.output
     tidy = pd.read_csv(tmp_path / "ok" / "sweep.csv")
     assert set(tidy.method) == {"seasonal_naive", "last_value"}
+    assert sorted(tidy.origin.unique()) == ["2025-11-03", "2025-11-17", "2025-12-01"]  # one horizon (2 weeks) apart
     assert not (tmp_path / "ok" / "report.html").exists()
+    bad = runner.invoke(app, ["sweep", "--origins", "0", "--out", str(tmp_path / "bad0")])
+    assert bad.exit_code == 2
+    bad = runner.invoke(app, ["sweep", "--run-config", "lags=7 release-blocks=2", "--out", str(tmp_path / "bad1")])
+    assert bad.exit_code == 2 and "release-blocks" in bad.output
 
 
 def test_score_reports_diverged_forecasts_instead_of_crashing():
