@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from client.model import build_model  # noqa: E402
+from forecasting.model import build_model  # noqa: E402
 from core.drg import DRG_GROUPS  # noqa: E402
 from core.run_config import DEFAULTS  # noqa: E402
 

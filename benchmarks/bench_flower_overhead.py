@@ -4,8 +4,8 @@
         [--engines inprocess ray] [--out DIR]
 
 Both sides use the same node files (synthetic hospitals generated once into DIR/data), the same
-model (`client.model.build_model(8, 4, 12)`), the same training examples (`client.node.series_for`
-+ `client.features.training_examples`) and the same local epochs / batch / lr. The bare side is a
+model (`forecasting.model.build_model(8, 4, 12)`), the same training examples (`client.node.series_for`
++ `forecasting.features.training_examples`) and the same local epochs / batch / lr. The bare side is a
 minimal ClientApp whose `@app.train()` calls `client.dp_training.train_dp(noise_multiplier=None)`
 and a ServerApp running `flwr.serverapp.strategy.FedAvg(fraction_evaluate=0)`: no DP, no ledger,
 no calibration, no audit, no predict round, no result files. The fedalloc side is
@@ -110,8 +110,8 @@ def _bare_apps(node_configs, rounds: int):
 
     import client.dp_training as dpt
     import client.node as cnode
-    from client.features import training_examples
-    from client.model import build_model
+    from forecasting.features import training_examples
+    from forecasting.model import build_model
     from core.run_config import RunSettings
 
     run = RunSettings.from_mapping({})
@@ -153,8 +153,8 @@ def _warm_up() -> None:
     import numpy as np
 
     from client.dp_training import train_dp
-    from client.features import Examples
-    from client.model import build_model
+    from forecasting.features import Examples
+    from forecasting.model import build_model
 
     rng = np.random.default_rng(0)
     ex = Examples(rng.random((32, 8), dtype=np.float32), rng.integers(0, 12, 32), rng.random((32, 2), dtype=np.float32),
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     out = args.out or Path(tempfile.mkdtemp(prefix="bench-flower-"))
     data = out / "data"
     if not (data / "hospitals.csv").exists():
-        from simulations.synthetic import SyntheticConfig, generate
+        from core.synthetic import SyntheticConfig, generate
 
         generate(SyntheticConfig(hospitals=args.hospitals, seed=0), data)
     print(f"# {' '.join(shlex.quote(a) for a in [sys.executable, *sys.argv])}")

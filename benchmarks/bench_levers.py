@@ -8,14 +8,14 @@ before it. "Federated DP" here is FedAvg written out in this script over the nod
 the real pieces: `client.dp_training.train_dp` (Opacus, Poisson sampling) at the σ a fresh node
 calibrates (`simulations.baselines.local_dp_plan`, i.e. `client.calibration` as a black box, for
 the same ε, rounds, epochs, batch and release share), and the D_i release through
-`client.features.release_window` at the calibrated release σ. No Flower, no ledgers: it measures
+`forecasting.features.release_window` at the calibrated release σ. No Flower, no ledgers: it measures
 the forecaster, not the system (the system's numbers come from `fedalloc sweep`).
 
 Levers (a configuration sets any of them; the rest are the current defaults):
-  model    mlp (the former 5,428-parameter MLP) | structured (client.model, ~100 parameters)
+  model    mlp (the former 5,428-parameter MLP) | structured (forecasting.model, ~100 parameters)
   target   week (log1p of each horizon period, the former target) | mean (log1p of the horizon mean)
   clip     clip the noisy block means at 0 before the log (the former release) | signed log (current)
-  lags/blocks, pretrain (client.pretrain), rounds, epochs, batch, lr, clip_norm, share (release share), eps
+  lags/blocks, pretrain (forecasting.pretrain), rounds, epochs, batch, lr, clip_norm, share (release share), eps
 
 Prints one line per configuration: MAE, relative MAE (mean over (seed, origin) of MAE / the better
 of seasonal naive and last value there), allocation error (seed policy) and the naive ones, bias
@@ -38,7 +38,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from client.features import Examples, block_means, forecast_inputs, horizon_mean_target, release_window, season_features, signed_log1p  # noqa: E402
+from forecasting.features import Examples, block_means, forecast_inputs, horizon_mean_target, release_window, season_features, signed_log1p  # noqa: E402
 from core.drg import DRG_GROUPS  # noqa: E402
 from core.series import demand_series, make_windows  # noqa: E402
 from simulations import baselines as B  # noqa: E402
@@ -72,7 +72,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
 
 
 def hospitals(seed: int, n: int) -> tuple[list[pd.DataFrame], np.ndarray]:
-    from simulations.synthetic import SyntheticConfig, end_date, generate_hospital_records, hospital_params
+    from core.synthetic import SyntheticConfig, end_date, generate_hospital_records, hospital_params
 
     cfg = SyntheticConfig(hospitals=n, seed=seed)
     series = [demand_series(generate_hospital_records(cfg, i), start=cfg.start, end=end_date(cfg), groups=DRG_GROUPS)
@@ -90,8 +90,8 @@ def examples(hist: pd.DataFrame, c: dict[str, Any]) -> Examples:
 def new_model(c: dict[str, Any], run: Any) -> Any:
     import torch
 
-    from client.model import Forecaster
-    from client.pretrain import initial_model
+    from forecasting.model import Forecaster
+    from forecasting.pretrain import initial_model
 
     if c["model"] == "mlp":
         torch.manual_seed(run.seed)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from client.features import Examples
+from forecasting.features import Examples
 from core.run_config import StepPlan, plan_steps  # noqa: F401  (re-exported for callers)
 
 

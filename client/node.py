@@ -114,7 +114,7 @@ def _flwr_run_simulation_node(pid: int, run_config: dict[str, Any], run_id: str)
     own file and nodes never race. Synthetic records get per-run ledgers; files from
     `sim-data-dir` get one lifetime ledger each in `sim-data-dir/ledgers/`.
     """
-    from simulations.synthetic import SyntheticConfig, generate_hospital_records, hospital_name, write_records
+    from core.synthetic import SyntheticConfig, generate_hospital_records, hospital_name, write_records
 
     name = hospital_name(pid)
     data_dir = Path(str(run_config.get("sim-data-dir") or "")).expanduser()

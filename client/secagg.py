@@ -30,18 +30,16 @@ from flwr.compat.common import recorddict_compat as compat
 
 from client.app import error_reply, make_app
 from client.node import NodeSettings
+from core.protocol import FIT_STATUS_MESSAGE, PUBLIC_FIT_METRICS
 from core.run_config import RunSettings
 
 log = logging.getLogger("fedalloc.node")
 
-# The only values a SecAgg+ fit reply carries in plain text (besides Flower's status record).
-PUBLIC_FIT_METRICS = ("epsilon", "noise-multiplier", "sample-rate", "steps")
-FIT_STATUS_MESSAGE = "ok"
 
 
 def model_keys(run: RunSettings) -> list[str]:
     """The global model's state-dict keys, in the order the legacy parameter list uses."""
-    from client.model import build_model
+    from forecasting.model import build_model
     from core.drg import DRG_GROUPS
 
     return list(build_model(run.lags, run.horizon, len(DRG_GROUPS)).state_dict().keys())
@@ -66,7 +64,7 @@ def _check_weight_bound(run: RunSettings, node: NodeSettings, context: Context) 
     The mask arithmetic scales the model by num_examples / max_weight; above 1 the weighted
     parameters may be clipped or overflow the modulus and the sum would be silently wrong.
     """
-    from client.features import training_examples
+    from forecasting.features import training_examples
     from client.node import series_for
 
     state = context.state.config_records.get(RECORD_KEY_STATE)

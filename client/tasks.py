@@ -16,11 +16,11 @@ import torch
 from client.accounting import DPSGD, Mechanism
 from client.calibration import RELEASE, release_sigma, training_sigma
 from client.dp_training import plan_steps, predict_counts, train_dp
-from client.features import forecast_inputs, release_window, training_examples
+from forecasting.features import forecast_inputs, release_window, training_examples
 from client.ledger import BudgetExceeded, Ledger
 from client.limits import OutsidePlan, check_global_model
 from client.releases import ReleaseStore, fingerprint
-from client.model import build_model
+from forecasting.model import build_model
 from client.node import NodeSettings, open_ledger, series_for
 from core.drg import DRG_GROUPS
 from core.run_config import RunSettings

@@ -29,5 +29,10 @@ HOSPITAL = "hospital"
 QUERY_ANSWER = "query-answer-"
 
 
+# The only values a SecAgg+ fit reply carries in plain text (besides Flower's status record).
+PUBLIC_FIT_METRICS = (EPSILON, NOISE_MULTIPLIER, SAMPLE_RATE, STEPS)
+FIT_STATUS_MESSAGE = "ok"
+
+
 def demand_key(group: str) -> str:
     return f"{DEMAND}-{group}"

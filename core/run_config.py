@@ -31,7 +31,7 @@ DEFAULTS: dict[str, Any] = {
     "epsilon": 3.0,
     "release-share": 0.15,
     # A year of 4-week block sums: the same weeks last year are in the input, and one Gaussian
-    # release on 13 disjoint blocks costs what 2 did (client/features.py).
+    # release on 13 disjoint blocks costs what 2 did (forecasting/features.py).
     "release-blocks": 13,
     "lags": 52,
     "horizon": 4,
@@ -53,7 +53,7 @@ DEFAULTS: dict[str, Any] = {
     "results-dir": "results",
     "run-name": "",
     "seed": 0,
-    # Public synthetic hospitals the first global model is pretrained on (client/pretrain.py);
+    # Public synthetic hospitals the first global model is pretrained on (forecasting/pretrain.py);
     # 0 starts from the data-free initialisation.
     "pretrain-hospitals": 20,
     "round-timeout": 600.0,

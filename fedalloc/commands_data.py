@@ -78,7 +78,7 @@ def generate_command(
     import pandas as pd
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from simulations.synthetic import SyntheticConfig, end_date, generate
+    from core.synthetic import SyntheticConfig, end_date, generate
 
     if fmt not in FORMAT_CHOICES:
         raise typer.BadParameter(f"expected one of {', '.join(FORMAT_CHOICES)}", param_hint="--fmt")

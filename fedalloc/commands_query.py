@@ -118,7 +118,7 @@ def query_command(
 
     with tempfile.TemporaryDirectory(prefix="fedalloc-query-") as tmp:
         if data is None:
-            from simulations.synthetic import SyntheticConfig, generate
+            from core.synthetic import SyntheticConfig, generate
 
             data = Path(tmp)
             generate(SyntheticConfig(hospitals=hospitals, years=years, seed=seed), data)

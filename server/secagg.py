@@ -26,11 +26,9 @@ before quantisation, default 8.0).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -47,13 +45,10 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid, ServerApp
 
-from client.pretrain import initial_model
-from client.secagg import FIT_STATUS_MESSAGE, PUBLIC_FIT_METRICS
+from core.protocol import FIT_STATUS_MESSAGE, PUBLIC_FIT_METRICS
 from core.run_config import RunSettings
-from server.app import RunOutcome, RoundCallback, _allocate, _write, finish, predict_round, wait_for_nodes
-from server.audit import AuditingGrid, MessageAudit
-from server.results import commit_round, run_dir
-from server.strategy import RoundFailed
+from server.audit import MessageAudit
+from server.runner import RoundCallback, RoundFailed, RoundLog, RunOutcome, public_plan, run_federation
 
 log = logging.getLogger("fedalloc.coordinator")
 logging.getLogger("flwr").propagate = False
@@ -142,10 +137,10 @@ class SecAggAudit(MessageAudit):
 class GuardedLegacyFedAvg(LegacyFedAvg):
     """Legacy FedAvg that records each round like server.strategy.RoundGuard and enforces min-nodes."""
 
-    def __init__(self, min_train_nodes: int, **kw: Any) -> None:
+    def __init__(self, min_train_nodes: int, log: RoundLog, **kw: Any) -> None:
         super().__init__(**kw)
         self.min_train_nodes = min_train_nodes
-        self.rounds: list[dict[str, Any]] = []
+        self.log = log
         self.t0 = time.monotonic()
         self.asked = 0
 
@@ -161,114 +156,97 @@ class GuardedLegacyFedAvg(LegacyFedAvg):
         # Flower's SecAgg+ workflow appends a stage-2 error reply twice; count each reply once.
         unique = list({id(f.args[0]) if getattr(f, "args", None) else id(f): f for f in failures}.values())
         reasons = [getattr(f.args[0], "reason", "failure") if getattr(f, "args", None) else "failure" for f in unique]
-        record: dict[str, Any] = {
-            "round": server_round,
-            "asked": self.asked,
-            "ok": len(results),
-            "failed": len(unique),
-            "missing": max(self.asked - len(results) - len(unique), 0),
-            "failed_nodes": {str(i): r for i, r in enumerate(reasons)},  # node ids are not kept by Flower here
-            "missing_nodes": [],
-            "seconds": time.monotonic() - self.t0,
-            "secure_aggregation": True,
-        }
+        record = self.record(server_round, ok=len(results), failed=len(unique))
+        record["failed_nodes"] = {str(i): r for i, r in enumerate(reasons)}  # Flower keeps no node ids here
         total = sum(r.num_examples for _, r in results)
         if total:
             record["mean_num-examples"] = sum(r.num_examples ** 2 for _, r in results) / total
             for key in PUBLIC_FIT_METRICS:
                 record[f"mean_{key}"] = sum(r.num_examples * float(r.metrics.get(key, 0.0)) for _, r in results) / total
-        self.rounds.append(record)
+        self.log.add(record)
         if len(results) < max(self.min_train_nodes, 1):
             raise RoundFailed(
-                f"round {server_round}: {len(results)} of {self.asked} nodes contributed (minimum "
+                f"round {record['round']}: {len(results)} of {self.asked} nodes contributed (minimum "
                 f"{self.min_train_nodes}); failures: {', '.join(sorted(set(reasons))) or 'none'}"
             )
         return super().aggregate_fit(server_round, results, failures)
+
+    def record(self, server_round: int, ok: int, failed: int) -> dict[str, Any]:
+        """The round's record, numbered as in the run (`log.offset` rounds before a resume)."""
+        return {"round": server_round + self.log.offset, "asked": self.asked, "ok": ok, "failed": failed,
+                "missing": max(self.asked - ok - failed, 0), "failed_nodes": {}, "missing_nodes": [],
+                "seconds": time.monotonic() - self.t0, "secure_aggregation": True}
 
 
 def _state_to_parameters(arrays: ArrayRecord) -> Parameters:
     return ndarrays_to_parameters([a.numpy() for a in arrays.values()])
 
 
-def run_secagg_federation(
-    grid: Grid,
-    run: RunSettings,
-    secagg: SecAggSettings | None = None,
-    *,
-    context: Context | None = None,
-    on_round: RoundCallback | None = None,
-) -> RunOutcome:
-    """N SecAgg+ FedAvg rounds, then the normal predict round and allocation."""
-    secagg = secagg or SecAggSettings()
-    name = run.run_name or datetime.now().strftime("run-%Y%m%d-%H%M%S")
-    run = dataclasses.replace(run, run_name=name)  # nodes key their run plan by this name
-    out = RunOutcome(path=run_dir(run.results_dir, name))
-    # The first global model is pretrained on public synthetic hospitals (no ε, client/pretrain.py).
-    model = initial_model(run)
-    initial = ArrayRecord(model.state_dict())
-    keys = list(initial.keys())
-    audit = SecAggAudit.for_arrays(initial)
-    grid = AuditingGrid(grid, audit)
-    t0 = time.monotonic()
-    strategy: GuardedLegacyFedAvg | None = None
-    nodes: list[int] = []
-    try:
-        # Nodes may still be registering (Ray starts them alongside the ServerApp).
-        nodes = wait_for_nodes(grid, max(run.min_nodes, 3), run.round_timeout)
-        num_shares, threshold = secagg.resolve(len(nodes))
-        n = len(nodes)
-        strategy = GuardedLegacyFedAvg(
+@dataclass
+class SecAggWorkflow:
+    """Training rounds under Flower's SecAgg+ (legacy DefaultWorkflow); resumable like the rest."""
+
+    settings: SecAggSettings = field(default_factory=SecAggSettings)
+    context: Context | None = None
+
+    def audit(self, initial: ArrayRecord, run: RunSettings) -> MessageAudit:
+        return SecAggAudit.for_arrays(initial, public_plan(run))
+
+    def min_nodes(self, run: RunSettings) -> int:
+        return max(run.min_nodes, 3)
+
+    def train(self, grid: Grid, run: RunSettings, arrays: ArrayRecord, nodes: list[int], log: RoundLog) -> ArrayRecord:
+        num_shares, threshold = self.settings.resolve(len(nodes))
+        keys = list(arrays.keys())
+        strategy = self._strategy(run, arrays, len(nodes), log)
+        secure_fit = SecAggPlusWorkflow(num_shares=num_shares, reconstruction_threshold=threshold,
+                                        max_weight=self.settings.max_weight,
+                                        clipping_range=self.settings.clipping_range, timeout=run.round_timeout)
+
+        def fit_workflow(g: Grid, ctx: Context) -> None:
+            current = int(ctx.state.config_records[MAIN_CONFIGS_RECORD][WorkflowKey.CURRENT_ROUND])
+            before = len(log.records)
+            secure_fit(g, ctx)
+            if len(log.records) == before:  # the protocol halted before aggregation
+                log.add(strategy.record(current, ok=0, failed=0))
+                raise RoundFailed(f"round {current + log.offset}: secure aggregation halted "
+                                  "(too few nodes completed the protocol)")
+            log.commit(current + log.offset, _params_record(ctx, keys))
+
+        base = self.context or Context(run_id=int(grid.run.run_id), node_id=0, node_config={}, state=RecordDict(),
+                                       run_config={})
+        legacy = LegacyContext(
+            Context(run_id=base.run_id, node_id=base.node_id, node_config=base.node_config, state=RecordDict(),
+                    run_config=base.run_config),
+            config=ServerConfig(num_rounds=run.num_server_rounds - log.offset, round_timeout=run.round_timeout),
+            strategy=strategy,
+        )
+        DefaultWorkflow(fit_workflow=fit_workflow)(grid, legacy)
+        return _params_record(legacy, keys)
+
+    @staticmethod
+    def _strategy(run: RunSettings, arrays: ArrayRecord, n: int, log: RoundLog) -> GuardedLegacyFedAvg:
+        return GuardedLegacyFedAvg(
             min_train_nodes=run.min_nodes,
+            log=log,
             fraction_fit=1.0,  # SecAgg+ hides single updates only within a large enough round: ask all
             fraction_evaluate=0.0,
             min_fit_clients=n,
             min_evaluate_clients=0,
             min_available_clients=n,
-            initial_parameters=_state_to_parameters(initial),
-            on_fit_config_fn=lambda r: {**run.as_config(), "server-round": r},
+            initial_parameters=_state_to_parameters(arrays),
+            # Nodes plan and charge by the run's round: Flower counts the resumed part from 1.
+            on_fit_config_fn=lambda r: {**run.as_config(), "server-round": r, "round-offset": log.offset},
             fit_metrics_aggregation_fn=lambda _: {},
         )
-        secure_fit = SecAggPlusWorkflow(
-            num_shares=num_shares,
-            reconstruction_threshold=threshold,
-            max_weight=secagg.max_weight,
-            clipping_range=secagg.clipping_range,
-            timeout=run.round_timeout,
-        )
 
-        def fit_workflow(g: Grid, ctx: Context) -> None:
-            assert strategy is not None
-            current = int(ctx.state.config_records[MAIN_CONFIGS_RECORD][WorkflowKey.CURRENT_ROUND])
-            before = len(strategy.rounds)
-            secure_fit(g, ctx)
-            if len(strategy.rounds) == before:  # the protocol halted before aggregation
-                strategy.rounds.append({"round": current, "asked": strategy.asked, "ok": 0, "failed": 0,
-                                        "missing": strategy.asked, "failed_nodes": {}, "missing_nodes": [],
-                                        "seconds": time.monotonic() - strategy.t0, "secure_aggregation": True})
-                raise RoundFailed(f"round {current}: secure aggregation halted (too few nodes completed the protocol)")
-            arrays = _params_record(ctx, keys)
-            commit_round(out.path, current, arrays, {"rounds_done": current, "rounds": strategy.rounds})
-            if on_round:
-                on_round(current, run.num_server_rounds, strategy.rounds[-1])
 
-        base = context or Context(run_id=int(grid.run.run_id), node_id=0, node_config={}, state=RecordDict(), run_config={})
-        legacy = LegacyContext(
-            Context(run_id=base.run_id, node_id=base.node_id, node_config=base.node_config, state=RecordDict(),
-                    run_config=base.run_config),
-            config=ServerConfig(num_rounds=run.num_server_rounds, round_timeout=run.round_timeout),
-            strategy=strategy,
-        )
-        DefaultWorkflow(fit_workflow=fit_workflow)(grid, legacy)
-        arrays = _params_record(legacy, keys)
-        replies = predict_round(grid, arrays, ConfigRecord(run.as_config()), run.round_timeout)
-        out.allocations, out.fairness, out.epsilon = _allocate(run, replies)
-    except (RoundFailed, ValueError) as exc:
-        out.error = str(exc)
-        log.error("run %s failed: %s", name, exc)
-    out.rounds = strategy.rounds if strategy is not None else []
-    out.violations = audit.violations
-    _write(out, run, time.monotonic() - t0, len(nodes), audit.seen)
-    return out
+def run_secagg_federation(grid: Grid, run: RunSettings, secagg: SecAggSettings | None = None, *,
+                          context: Context | None = None, on_round: RoundCallback | None = None,
+                          resume: bool = False) -> RunOutcome:
+    """N SecAgg+ FedAvg rounds, then the normal predict round and allocation (server/runner.py)."""
+    return run_federation(grid, run, SecAggWorkflow(secagg or SecAggSettings(), context), on_round=on_round,
+                          resume=resume)
 
 
 def _params_record(ctx: Context, keys: list[str]) -> ArrayRecord:
@@ -279,21 +257,13 @@ def _params_record(ctx: Context, keys: list[str]) -> ArrayRecord:
     return ArrayRecord({k: Array(np.ascontiguousarray(a)) for k, a in zip(keys, nds)})
 
 
-def make_secagg_server_app(
-    overrides: Mapping[str, Any] | None = None,
-    outcome: list[RunOutcome] | None = None,
-    on_round: RoundCallback | None = None,
-) -> ServerApp:
-    """A SecAgg+ ServerApp; `overrides` win over the run config (the Python simulation has none)."""
-    app = ServerApp()
+def make_secagg_server_app(overrides: Mapping[str, Any] | None = None,
+                           on_finish: Callable[[RunOutcome], None] | None = None,
+                           on_round: RoundCallback | None = None, resume: bool = False) -> ServerApp:
+    """The SecAgg+ ServerApp (`server.app.make_app(secure=True)`)."""
+    from server.app import make_app
 
-    @app.main()
-    def main(grid: Grid, context: Context) -> None:
-        secagg, rest = SecAggSettings.split(dict(context.run_config), overrides or {})
-        run = RunSettings.from_mapping(rest)
-        finish(run_secagg_federation(grid, run, secagg, context=context, on_round=on_round), outcome)
-
-    return app
+    return make_app(overrides, on_round=on_round, on_finish=on_finish, resume=resume, secure=True)
 
 
 app = make_secagg_server_app()

@@ -12,15 +12,17 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+from dataclasses import dataclass
+
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, FedTrimmedAvg, Krum, Strategy
+from flwr.serverapp.strategy import FedAvg, FedTrimmedAvg, Krum
 
 from core.run_config import RunSettings
+from server.audit import MessageAudit
+from server.runner import RoundFailed, RoundLog, public_plan
 
-
-class RoundFailed(RuntimeError):
-    pass
+__all__ = ["RoundFailed", "StrategyWorkflow", "make_strategy"]
 
 
 class RoundGuard:
@@ -28,9 +30,8 @@ class RoundGuard:
 
     min_train_nodes: int
 
-    def _guard_init(self) -> None:
-        self.rounds: list[dict[str, Any]] = []
-        self.round_offset = 0  # rounds finished before a resume: messages name the run's round
+    def _guard_init(self, log: RoundLog) -> None:
+        self.log = log  # records carry the run's round: log.offset rounds were done before a resume
         self._asked: list[int] = []
         self._t0 = time.monotonic()
 
@@ -51,7 +52,7 @@ class RoundGuard:
         answered = {m.metadata.src_node_id for m in replies}
         missing = [n for n in self._asked if n not in answered]
         record = {
-            "round": server_round,
+            "round": server_round + self.log.offset,
             "asked": len(self._asked),
             "ok": len(ok),
             "failed": len(failed),
@@ -60,11 +61,11 @@ class RoundGuard:
             "missing_nodes": missing,
             "seconds": time.monotonic() - self._t0,
         }
-        self.rounds.append(record)
+        self.log.add(record)
         if len(ok) < max(self.min_train_nodes, 1):
             reasons = sorted(set(failed.values())) or ["no reply"]
             raise RoundFailed(
-                f"round {server_round + self.round_offset}: {len(ok)} of {len(self._asked)} nodes contributed "
+                f"round {record['round']}: {len(ok)} of {len(self._asked)} nodes contributed "
                 f"(minimum {self.min_train_nodes}); failures: {', '.join(reasons)}; "
                 f"{len(missing)} never answered"
             )
@@ -86,7 +87,10 @@ class GuardedKrum(RoundGuard, Krum):
     pass
 
 
-def make_strategy(run: RunSettings) -> Strategy:
+Guarded = GuardedFedAvg | GuardedFedTrimmedAvg | GuardedKrum
+
+
+def make_strategy(run: RunSettings, log: RoundLog | None = None) -> Guarded:
     common = dict(
         fraction_train=run.fraction_train,
         min_train_nodes=run.min_nodes,
@@ -94,13 +98,43 @@ def make_strategy(run: RunSettings) -> Strategy:
         min_available_nodes=run.min_nodes,
     )
     name = run.strategy.lower()
+    strategy: Guarded
     if name == "fedavg":
-        strategy: Strategy = GuardedFedAvg(**common)
+        strategy = GuardedFedAvg(**common)
     elif name in ("fedtrimmedavg", "trimmed"):
         strategy = GuardedFedTrimmedAvg(beta=run.trim_beta, **common)
     elif name == "krum":
         strategy = GuardedKrum(num_malicious_nodes=run.krum_byzantine, **common)
     else:
         raise ValueError(f"strategy must be fedavg, fedtrimmedavg or krum, got {run.strategy!r}")
-    strategy._guard_init()  # type: ignore[attr-defined]
+    strategy._guard_init(log or RoundLog())
     return strategy
+
+
+@dataclass
+class StrategyWorkflow:
+    """Training with the run config's Flower strategy (Message API), every reply audited."""
+
+    def audit(self, initial: ArrayRecord, run: RunSettings) -> MessageAudit:
+        return MessageAudit.for_arrays(initial, public_plan(run))
+
+    def min_nodes(self, run: RunSettings) -> int:
+        return run.min_nodes
+
+    def train(self, grid: Grid, run: RunSettings, arrays: ArrayRecord, nodes: list[int], log: RoundLog) -> ArrayRecord:
+        strategy = make_strategy(run, log)
+
+        def after_round(server_round: int, current: ArrayRecord) -> MetricRecord | None:
+            if server_round > 0:  # Flower calls it once before round 1
+                log.commit(server_round + log.offset, current)
+            return None
+
+        result = strategy.start(
+            grid=grid,
+            initial_arrays=arrays,
+            num_rounds=run.num_server_rounds - log.offset,
+            timeout=run.round_timeout,
+            train_config=ConfigRecord({**run.as_config(), "round-offset": log.offset}),
+            evaluate_fn=after_round,
+        )
+        return result.arrays

@@ -18,20 +18,19 @@ Methods (name → what it does):
 - ``federated_dp``: the real system, `simulations.driver.simulate(engine="inprocess")`.
 
 All model-based methods use the same model, the same initial weights (the public pretrained model
-of `client.pretrain.initial_model(run)`, which is also the federation's first global model), and the
+of `forecasting.pretrain.initial_model(run)`, which is also the federation's first global model), and the
 same total number of local epochs (rounds × local-epochs), so the only differences are pooling,
 federation and privacy.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 from functools import lru_cache
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -95,7 +94,7 @@ def load_hospitals(data_dir: Path, run: RunSettings, resources_file: Path | None
 
 
 def synthetic_hospitals(out_dir: Path, hospitals: int, seed: int, run: RunSettings) -> Hospitals:
-    from simulations.synthetic import SyntheticConfig, generate
+    from core.synthetic import SyntheticConfig, generate
 
     out_dir = Path(out_dir)
     if not (out_dir / "hospitals.csv").exists():
@@ -133,13 +132,13 @@ def last_value(series: pd.DataFrame | np.ndarray, horizon: int) -> float:
 
 
 def _examples(h: Hospitals, run: RunSettings) -> list[Any]:
-    from client.features import training_examples
+    from forecasting.features import training_examples
 
     return [training_examples(s, run.lags, run.horizon, run.window_stride, blocks=run.release_blocks) for s in h.series]
 
 
 def _pool(examples: Sequence[Any]) -> Any:
-    from client.features import Examples
+    from forecasting.features import Examples
 
     return Examples(
         x_log=np.concatenate([e.x_log for e in examples]),
@@ -150,7 +149,7 @@ def _pool(examples: Sequence[Any]) -> Any:
 
 
 def _new_model(run: RunSettings) -> Any:
-    from client.pretrain import initial_model
+    from forecasting.pretrain import initial_model
 
     return initial_model(run)
 
@@ -159,7 +158,7 @@ def forecast_total(model: Any, series: pd.DataFrame, run: RunSettings, noise_std
                    rng: np.random.Generator | None = None) -> float:
     """D_i from the last `lags` periods (optionally noised exactly as a node releases it)."""
     from client.dp_training import predict_counts
-    from client.features import block_means, forecast_inputs, release_window
+    from forecasting.features import block_means, forecast_inputs, release_window
 
     window = series.to_numpy(dtype=np.float64)[-run.lags:]
     if noise_std > 0:  # exactly the node's release (client.tasks.predict_task)
@@ -269,38 +268,6 @@ def federated(h: Hospitals, run: RunSettings,
     return np.array([forecast_total(global_model, s, run) for s in h.series])
 
 
-@contextlib.contextmanager
-def coordinator_starts_pretrained(run: RunSettings) -> Iterator[None]:
-    """In-process federations start from `client.pretrain.initial_model(run)`, as the baselines do.
-
-    Interim, until server/app.py builds its first global model with `initial_model(run)` (the
-    change is proposed to its owner): for the duration, `server.app.build_model` returns the
-    pretrained weights for this run's shapes. A no-op once server/app.py has `initial_model`.
-    Only affects this process (the in-process engine), never a deployed coordinator.
-    """
-    import server.app as server_app
-
-    if hasattr(server_app, "initial_model"):
-        yield
-        return
-    from client.pretrain import initial_model
-
-    original = server_app.build_model
-    start = initial_model(run)
-
-    def build(lags: int, horizon: int, n_groups: int, seed: int = 0, **kw: Any) -> Any:
-        model = original(lags, horizon, n_groups, seed=seed, **kw)
-        if (lags, horizon) == (run.lags, run.horizon):
-            model.load_state_dict(start.state_dict())
-        return model
-
-    server_app.build_model = build
-    try:
-        yield
-    finally:
-        server_app.build_model = original
-
-
 def federated_dp(h: Hospitals, run: RunSettings, results_dir: Path, run_name: str,
                  on_round: Callable[[int, int, dict[str, Any]], None] | None = None) -> tuple[np.ndarray, np.ndarray, Any]:
     """The real federation (in-process Flower grid, per-node ledgers); (D_i, ε per node, outcome)."""
@@ -312,11 +279,10 @@ def federated_dp(h: Hospitals, run: RunSettings, results_dir: Path, run_name: st
     # reach the nodes: the model is trained on the block structure it is later shown).
     own = {"num-server-rounds", "epsilon", "results-dir", "run-name", "seed", "resources-file"}
     overrides = {k: v for k, v in run.as_config().items() if k not in own}
-    with coordinator_starts_pretrained(run):
-        outcome = simulate(hospitals=len(h.names), rounds=run.num_server_rounds, epsilon=run.epsilon,
-                           data_dir=h.data_dir, resources=h.resources_file, engine="inprocess",
-                           results_dir=str(results_dir), run_name=run_name, seed=run.seed, overrides=overrides,
-                           on_round=on_round, synthetic_data=h.synthetic)
+    outcome = simulate(hospitals=len(h.names), rounds=run.num_server_rounds, epsilon=run.epsilon,
+                       data_dir=h.data_dir, resources=h.resources_file, engine="inprocess",
+                       results_dir=str(results_dir), run_name=run_name, seed=run.seed, overrides=overrides,
+                       on_round=on_round, synthetic_data=h.synthetic)
     if outcome.error or outcome.allocations is None:
         raise RuntimeError(f"federated DP run failed: {outcome.error}")
     table = outcome.allocations.set_index("hospital")

@@ -22,7 +22,7 @@ from core.drg import DRG_GROUPS
 from core.records import load_records
 from core.run_config import RunSettings
 from core.series import demand_series, period_grid
-from simulations.synthetic import SyntheticConfig, generate
+from core.synthetic import SyntheticConfig, generate
 
 RECORD_SUFFIXES = (".csv", ".csv.gz", ".parquet", ".pq")
 ENGINES = ("ray", "inprocess")
@@ -232,7 +232,8 @@ def simulate(
         ray_address=ray_address)
 
     from client.app import make_app as make_client_app
-    from server.app import make_app as make_server_app, run_federation
+    from server.app import make_app as make_server_app
+    from server.runner import run_federation
 
     _quiet_logs()
     # The researcher operates every node here, so the nodes' own limits are this request.
@@ -241,30 +242,28 @@ def simulate(
     nodes = prepare_nodes(run_path, hospitals=hospitals, seed=seed, budget=(budget or epsilon) if synthetic else budget,
                           data_dir=data_dir, resources=resources, limits=limits, synthetic_data=synthetic_data)
     settings["resources-file"] = nodes.resources_file
-    run = RunSettings.from_mapping(settings)
+    workflow = None
     if secagg:
-        from client.secagg import make_secagg_app
-        from server.secagg import make_secagg_server_app, run_secagg_federation
+        from client.secagg import make_secagg_app as make_client_app  # noqa: F811
+        from server.secagg import SecAggSettings, SecAggWorkflow
 
-        make_client_app = make_secagg_app
-        make_server_app = lambda settings, on_round, outcome, resume: make_secagg_server_app(  # noqa: E731
-            settings, outcome, on_round)
-        run_federation = lambda grid, run, on_round, resume: run_secagg_federation(  # noqa: E731
-            grid, run, on_round=on_round)
+        sa, settings = SecAggSettings.split(settings)
+        workflow = SecAggWorkflow(sa)
+    run = RunSettings.from_mapping(settings)
 
     if engine == "inprocess":
         from simulations.inprocess import InProcessGrid
 
         grid = InProcessGrid(client_app or make_client_app(), nodes.node_configs, drop=drop)
-        outcome = run_federation(grid, run, on_round=on_round, resume=resume)
+        outcome = run_federation(grid, run, workflow, on_round=on_round, resume=resume)
     else:
         from simulations.ray_local import run_ray_simulation  # loopback-only Ray, Ctrl-C stops it
 
         results: list[Any] = []
-        sim_nodes = dict(enumerate(nodes.node_configs))
         run_ray_simulation(
-            server_app=make_server_app(settings, on_round=on_round, outcome=results, resume=resume),
-            client_app=client_app or make_client_app(sim_nodes),
+            server_app=make_server_app(settings, on_round=on_round, on_finish=results.append, resume=resume,
+                                       secure=secagg),
+            client_app=client_app or make_client_app(dict(enumerate(nodes.node_configs))),
             num_supernodes=len(nodes.node_configs),
             address=ray_address,
         )

@@ -229,7 +229,7 @@ def feature_blocks(cfg: AuditConfig) -> int | None:
     """Block averaging of the lag window, as the nodes train (None: featurisation has no blocks)."""
     import inspect
 
-    from client.features import training_examples
+    from forecasting.features import training_examples
 
     if "blocks" not in inspect.signature(training_examples).parameters:
         return None
@@ -242,9 +242,9 @@ def feature_blocks(cfg: AuditConfig) -> int | None:
 
 def build_pool(cfg: AuditConfig, seed: int):
     """Examples from `cfg.hospitals` synthetic hospitals (data seed = `seed`), disjoint windows."""
-    from client.features import Examples, training_examples
+    from forecasting.features import Examples, training_examples
     from core.series import demand_series
-    from simulations.synthetic import SyntheticConfig, end_date, generate_hospital_records
+    from core.synthetic import SyntheticConfig, end_date, generate_hospital_records
 
     scfg = SyntheticConfig(hospitals=cfg.hospitals, years=cfg.years, seed=seed, size_median=cfg.size_median)
     blocks = feature_blocks(cfg)
@@ -263,7 +263,7 @@ def build_pool(cfg: AuditConfig, seed: int):
 
 
 def _subset(ex, idx: np.ndarray):
-    from client.features import Examples
+    from forecasting.features import Examples
 
     return Examples(x_log=ex.x_log[idx], group=ex.group[idx], season=ex.season[idx], y_log=ex.y_log[idx])
 
@@ -287,7 +287,7 @@ def train_and_losses(ex, train_idx: np.ndarray, sigma: float | None, cfg: AuditC
 
     from client.dp_training import predict_log, train_dp
     from client.ledger import compute_epsilon
-    from client.model import Forecaster
+    from forecasting.model import Forecaster
 
     torch.manual_seed(seed)
     model = Forecaster(cfg.lags, cfg.horizon, int(ex.group.max()) + 1, hidden=cfg.hidden)

@@ -196,8 +196,8 @@ def run_settings(cfg: PrivacyAuditConfig):
 
 
 def node_model(run):
-    """The model a node starts from: `client.model.build_model` for the run (data-free init)."""
-    from client.model import build_model
+    """The model a node starts from: `forecasting.model.build_model` for the run (data-free init)."""
+    from forecasting.model import build_model
     from core.drg import DRG_GROUPS
 
     kwargs = {"period": run.period} if "period" in inspect.signature(build_model).parameters else {}
@@ -206,10 +206,10 @@ def node_model(run):
 
 def node_examples(cfg: PrivacyAuditConfig):
     """The node's training examples, built as a node builds them from its records."""
-    from client.features import training_examples
+    from forecasting.features import training_examples
     from core.drg import DRG_GROUPS
     from core.series import demand_series
-    from simulations.synthetic import SyntheticConfig, generate_hospital_records
+    from core.synthetic import SyntheticConfig, generate_hospital_records
 
     run = run_settings(cfg)
     scfg = SyntheticConfig(hospitals=cfg.hospital + 1, seed=cfg.data_seed, start=run.start)
@@ -220,7 +220,7 @@ def node_examples(cfg: PrivacyAuditConfig):
 
 
 def _subset_examples(ex, idx: np.ndarray):
-    from client.features import Examples
+    from forecasting.features import Examples
 
     return Examples(x_log=ex.x_log[idx], group=ex.group[idx], season=ex.season[idx], y_log=ex.y_log[idx])
 
@@ -268,7 +268,7 @@ def make_canaries(rng: np.random.Generator, m: int, *, lags: int, horizon: int, 
 
 def with_canaries(ex, slots: np.ndarray, canaries: Canaries, signs: np.ndarray):
     """The node's examples with example `slots[i]` replaced by canary i with sign `signs[i]`."""
-    from client.features import Examples
+    from forecasting.features import Examples
 
     x, g, s, y = ex.x_log.copy(), ex.group.copy(), ex.season.copy(), ex.y_log.copy()
     x[slots], g[slots], s[slots], y[slots] = canaries.x_log, canaries.group, canaries.season, canaries.y_log(signs)

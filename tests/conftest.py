@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from simulations.synthetic import SyntheticConfig, generate
+from core.synthetic import SyntheticConfig, generate
 
 logging.getLogger("flwr").setLevel(logging.WARNING)
 

@@ -110,8 +110,8 @@ def test_opacus_engine_accounts_exactly_what_the_ledger_charged():
     import numpy as np
 
     from client.dp_training import plan_steps, train_dp
-    from client.features import Examples
-    from client.model import build_model
+    from forecasting.features import Examples
+    from forecasting.model import build_model
 
     rng = np.random.default_rng(0)
     n = 37

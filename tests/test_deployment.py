@@ -208,7 +208,7 @@ def test_tls_node_auth_deployment(cluster: Cluster, tmp_path: Path) -> None:
     t0 = time.monotonic()
 
     # 1. Three synthetic hospitals (each node's private records) and the public resources table.
-    from simulations.synthetic import SyntheticConfig, generate
+    from core.synthetic import SyntheticConfig, generate
 
     data = tmp_path / "data"
     generate(SyntheticConfig(hospitals=3, years=3), data)

@@ -49,7 +49,7 @@ def test_every_message_is_on_the_allowlist(node_configs, run_settings):
     run = run_settings()
     out, seen = run_inprocess(node_configs, run)
     assert out.error is None and len(seen) == 4 * 3
-    from client.model import build_model
+    from forecasting.model import build_model
     from flwr.app import ArrayRecord
 
     audit = MessageAudit.for_arrays(ArrayRecord(build_model(run.lags, run.horizon, 12).state_dict()))
@@ -147,7 +147,7 @@ def test_federation_that_never_assembles_fails_clearly(node_configs, run_setting
 def test_release_noises_block_sums_with_the_stated_scale():
     """One record moves one block sum by 1, so noise of std σ on each block sum is the Gaussian
     mechanism with sensitivity 1; the expanded window is post-processing of those sums."""
-    from client.features import release_window
+    from forecasting.features import release_window
 
     window = np.arange(16, dtype=float).reshape(8, 2) + 10
     rng = np.random.default_rng(0)
@@ -180,7 +180,7 @@ def test_corrupt_or_foreign_ledger_stops_the_node_and_is_never_reset(node_config
 
 def test_coordinator_cannot_redirect_a_node_or_fix_its_noise(node_configs, run_settings):
     """Paths, budget and noise seed are node config only; a run config naming them is refused."""
-    from client.model import build_model
+    from forecasting.model import build_model
     from client.node import NodeSettings
     from client.tasks import train_task
     from core.run_config import RunSettings

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from client.dp_training import predict_counts, train_dp
-from client.features import (Examples, forecast_inputs, horizon_mean_target, release_window, signed_log1p,
+from forecasting.features import (Examples, forecast_inputs, horizon_mean_target, release_window, signed_log1p,
                              training_examples)
-from client.model import SCALE_LIMIT, build_model
+from forecasting.model import SCALE_LIMIT, build_model
 from core.drg import DRG_GROUPS
 
 G = len(DRG_GROUPS)
@@ -104,10 +104,10 @@ def test_public_pretraining_is_deterministic_and_beats_the_data_free_start():
     """Pretrained on the public cohort (its own seed), the initial model already fits other
     synthetic hospitals' windows far better than the data-free start (log-space MSE)."""
     from client.dp_training import predict_log
-    from client.pretrain import PUBLIC_SEED, initial_model, pretrained_state
+    from forecasting.pretrain import PUBLIC_SEED, initial_model, pretrained_state
     from core.run_config import RunSettings
     from core.series import demand_series
-    from simulations.synthetic import SyntheticConfig, generate_hospital_records
+    from core.synthetic import SyntheticConfig, generate_hospital_records
 
     assert PUBLIC_SEED > 1000  # never one of the small seeds the sweeps evaluate on
     run = RunSettings.from_mapping({"cutoff": "2025-06-02", "lags": 8, "release-blocks": 2})

@@ -109,7 +109,7 @@ def test_failed_write_keeps_previous_ledger(tmp_path, monkeypatch):
 def test_crash_between_charge_and_send_never_under_records(node_configs, run_settings, monkeypatch):
     """The node dies after charging but before its update leaves: the charge is on disk."""
     import client.tasks as tasks
-    from client.model import build_model
+    from forecasting.model import build_model
     from client.node import NodeSettings
 
     def crash(*a, **k):

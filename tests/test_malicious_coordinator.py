@@ -19,7 +19,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 
 from client.ledger import Ledger
 from client.limits import ModelRefused
-from client.model import build_model
+from forecasting.model import build_model
 from client.node import NodeSettings
 from core.records import load_records
 
@@ -84,7 +84,7 @@ def test_crafted_overflow_model_gives_finite_updates_on_neighbours(sim_data, run
 
 def _finite_updates_on_neighbours(crafted, d, r, run) -> None:
     from client.dp_training import train_dp
-    from client.features import training_examples
+    from forecasting.features import training_examples
     from core.drg import DRG_GROUPS
     from core.series import demand_series
 

@@ -29,7 +29,7 @@ def _node(cfg: dict, **extra) -> NodeSettings:
 
 
 def _state(run):
-    from client.model import build_model
+    from forecasting.model import build_model
 
     return build_model(run.lags, run.horizon, 12).state_dict()
 

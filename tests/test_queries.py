@@ -25,7 +25,7 @@ from core.queries import QuerySpec, combine, exact_statistic, local_answer, sens
 from server.audit import MessageAudit
 from server.queries import make_query_app, run_query
 from simulations.inprocess import InProcessGrid
-from simulations.synthetic import SyntheticConfig, generate
+from core.synthetic import SyntheticConfig, generate
 
 DELTA = 1e-5
 SEEDS = 2000

@@ -88,8 +88,8 @@ def test_dp_sgd_noise_and_sampling_come_from_64_bit_os_entropy(monkeypatch):
     from opacus import PrivacyEngine
 
     from client import dp_training
-    from client.features import Examples
-    from client.model import build_model
+    from forecasting.features import Examples
+    from forecasting.model import build_model
 
     asked: list[int] = []
     real_randbits = secrets.randbits

@@ -17,7 +17,7 @@ from flwr.app import Array, ArrayRecord, Message
 from flwr.clientapp import ClientApp
 
 from client.app import make_app
-from client.model import build_model
+from forecasting.model import build_model
 from core.drg import DRG_GROUPS
 from server.app import run_federation
 from simulations.inprocess import InProcessGrid, random_dropout

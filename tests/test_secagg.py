@@ -8,6 +8,7 @@ node's ledger was charged and stays within budget.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -18,8 +19,9 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 
 import client.tasks
 from client.ledger import Ledger
-from client.model import build_model
-from client.secagg import PUBLIC_FIT_METRICS, make_secagg_app
+from forecasting.model import build_model
+from client.secagg import make_secagg_app
+from core.protocol import PUBLIC_FIT_METRICS
 from core.drg import DRG_GROUPS
 from server.results import load_arrays
 from server.secagg import SecAggAudit, SecAggSettings, run_secagg_federation
@@ -153,7 +155,7 @@ def test_secagg_on_flower_ray_engine(node_configs, run_settings, tmp_path):
                 "run-name": "ray", "min-nodes": 3, "secagg-num-shares": 3, "secagg-threshold": 2}
     outcome: list = []
     run_ray_simulation(  # loopback-only Ray, as `fedalloc simulate` uses it
-        server_app=make_secagg_server_app(settings, outcome),
+        server_app=make_secagg_server_app(settings, outcome.append),
         client_app=make_client(dict(enumerate(configs))),
         num_supernodes=3, num_cpus=2, handle_signals=False,
     )
@@ -188,3 +190,41 @@ def test_a_node_refusing_mid_protocol_is_tolerated(node_configs, run_settings):
     assert Ledger.read(configs[0]["ledger-path"]).entries == []
     assert set(pd.read_csv(out.path / "allocations.csv").hospital) == {"hospital_001", "hospital_002"}
     assert out.violations == []
+
+
+def test_secagg_run_resumes_after_a_coordinator_crash(node_configs, run_settings):
+    """The coordinator dies after round 1 of 2; `resume=True` trains round 2 only, from the round-1
+    checkpoint, and the nodes charge it as round 2 (same σ plan), as in a normal run."""
+    from tests.test_resume import CoordinatorDied
+
+    configs = node_configs[:3]
+    run = run_settings(**{"num-server-rounds": 2, "resources-file": "", "min-nodes": 3, "run-name": "sa-crash"})
+
+    def die(r: int, n: int, rec: dict) -> None:
+        if r == 1:
+            raise CoordinatorDied("coordinator lost power after round 1")
+
+    with pytest.raises(CoordinatorDied):
+        run_secagg_federation(InProcessGrid(make_secagg_app(), configs, run_id=11), run, on_round=die)
+    path = Path(run.results_dir) / run.run_name
+    assert json.loads((path / "state.json").read_text())["rounds_done"] == 1
+    with np.load(path / "checkpoint.npz") as data:
+        after_round_1 = {k: data[k] for k in data.files}
+    for cfg in configs:
+        assert [e["kind"] for e in Ledger.read(cfg["ledger-path"]).entries] == ["dpsgd"]
+
+    seen: list[Message] = []
+    out = run_secagg_federation(InProcessGrid(make_secagg_app(), configs, run_id=11, tap=seen.append), run,
+                                resume=True)
+    assert out.error is None, out.error
+    assert [r["round"] for r in out.rounds] == [1, 2] and all(r["secure_aggregation"] for r in out.rounds)
+    assert list(pd.read_csv(out.path / "rounds.csv")["round"]) == [1, 2]
+    final = {k: a.numpy() for k, a in load_arrays(out.path / "checkpoint.npz").items()}
+    assert max(float(np.abs(final[k] - after_round_1[k]).max()) for k in final) > 0  # round 2 trained on
+    assert set(pd.read_csv(out.path / "allocations.csv").hospital) == {c["hospital"] for c in configs}
+    for cfg in configs:
+        led = Ledger.read(cfg["ledger-path"])
+        assert [e["kind"] for e in led.entries] == ["dpsgd", "dpsgd", "gaussian-release"]
+        assert [e["purpose"] for e in led.entries][:2] == ["train round 1", "train round 2"]
+        sigmas = {e["noise_multiplier"] for e in led.entries if e["kind"] == "dpsgd"}
+        assert len(sigmas) == 1 and led.epsilon() <= cfg["budget"]

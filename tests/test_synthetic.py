@@ -11,7 +11,7 @@ import pytest
 from core.drg import DRG_GROUPS
 from core.records import load_records
 from core.series import demand_series
-from simulations.synthetic import (
+from core.synthetic import (
     RECORD_COLUMNS,
     SyntheticConfig,
     end_date,

@@ -18,14 +18,14 @@ Why this shape (measured in benchmarks/FORECASTER.md):
   σ), 101 at lags 52 (4.0 C at the σ ≈ 6.3 that 24 examples per node need for ε = 3).
 - **Unbiased in the inputs**: the forecast is *linear* in the window values, so zero-mean noise
   on the released block sums gives zero-mean error on D_i; the log is taken only of the forecast,
-  and negative noisy values are kept (signed log1p, see client/features.py) rather than clipped.
+  and negative noisy values are kept (signed log1p, see forecasting/features.py) rather than clipped.
 - The seasonal profile is shared by construction (one row per DRG group), which is what public
-  pretraining (client/pretrain.py) can teach and DP fine-tuning can adjust.
+  pretraining (forecasting/pretrain.py) can teach and DP fine-tuning can adjust.
 
 Inputs are per-cell transforms of the example's own window (no node-wide statistic, DESIGN.md
 "Preprocessing") plus the public calendar position of the first target period. The output is
 the log1p of the forecast mean per period, repeated `horizon` times (the training target is the
-log1p of the horizon's mean, client/features.py).
+log1p of the horizon's mean, forecasting/features.py).
 
 Opacus computes per-sample gradients through the two parametrised submodules: an `nn.Embedding`
 (the per-group profile) and `LagMix`, a single-input module (functorch path). The calendar length
@@ -50,7 +50,7 @@ SCALE_LIMIT = 10.0  # |log scale| ≤ 10: a crafted global model cannot make a f
 
 
 def signed_expm1(x: torch.Tensor) -> torch.Tensor:
-    """Inverse of the per-cell input transform sign(v)·log1p(|v|) (client/features.py)."""
+    """Inverse of the per-cell input transform sign(v)·log1p(|v|) (forecasting/features.py)."""
     return torch.sign(x) * torch.expm1(x.abs())
 
 
@@ -128,7 +128,7 @@ def build_model(lags: int, horizon: int, n_groups: int, seed: int = 0, period: s
     """Deterministic initial model: every node and the coordinator build the same one.
 
     The initial weights are data-free (no seasonality, equal lag weights: the window mean);
-    `client.pretrain.initial_model(run)` loads weights pretrained on public synthetic hospitals.
+    `forecasting.pretrain.initial_model(run)` loads weights pretrained on public synthetic hospitals.
     `seed` is kept for callers; this model's initialisation does not draw random numbers.
     """
     gen_state = torch.random.get_rng_state()

@@ -12,7 +12,7 @@ block averaging, so the model is trained on what it is later shown.
 
 The noisy sums are *not* clipped at 0: clipping then taking log1p biased small hospitals' D_i
 down (benchmarks/FORECASTER.md). The signed transform keeps negative noisy values, and the
-forecaster (client/model.py) is linear in the window values, so zero-mean noise stays zero-mean.
+forecaster (forecasting/model.py) is linear in the window values, so zero-mean noise stays zero-mean.
 
 Target. `y_log` is log1p of the *mean* demand per period over the horizon, repeated `horizon`
 times. D_i is a horizon total, and a least-squares fit in log space estimates the mean of the
