@@ -70,29 +70,42 @@ def error_reply(msg: Message, exc: BaseException, log_path: Path | None = None) 
     return Message(Error(code=code, reason=reason), reply_to=msg)
 
 
-def make_app(sim_nodes: Mapping[int, Mapping[str, Any]] | None = None) -> ClientApp:
+SimNodes = Mapping[int, Mapping[str, Any]]
+
+
+def _settings(msg: Message, context: Context, sim_nodes: SimNodes | None) -> tuple[RunSettings, NodeSettings, str]:
+    cfg = dict(msg.content["config"]) if "config" in msg.content else {}
+    run = RunSettings.from_mapping(cfg)
+    node = NodeSettings.from_config(context.node_config, sim_nodes, context.run_config, str(context.run_id))
+    return run, node, str(context.run_id)
+
+
+def _guarded(fn: Callable[[Message, Context], Message], sim_nodes: SimNodes | None) -> Callable[[Message, Context], Message]:
+    """Every failure becomes a fixed-phrase error reply; details go to the node's own log."""
+
+    def handler(msg: Message, context: Context) -> Message:
+        try:
+            return fn(msg, context)
+        except Exception as exc:
+            cfg = dict(context.node_config)
+            pid = cfg.get("partition-id")
+            if "ledger-path" not in cfg and sim_nodes is not None and pid is not None:
+                cfg.update(sim_nodes.get(int(pid), {}))
+            return error_reply(msg, exc, node_log_path(cfg))
+
+    handler.__name__ = fn.__name__
+    return handler
+
+
+def make_app(sim_nodes: SimNodes | None = None) -> ClientApp:
     """A ClientApp. `sim_nodes` maps simulation partition ids to node configs (simulation only)."""
     app = ClientApp()
 
     def settings(msg: Message, context: Context) -> tuple[RunSettings, NodeSettings, str]:
-        cfg = dict(msg.content["config"]) if "config" in msg.content else {}
-        run = RunSettings.from_mapping(cfg)
-        node = NodeSettings.from_config(context.node_config, sim_nodes, context.run_config, str(context.run_id))
-        return run, node, str(context.run_id)
+        return _settings(msg, context, sim_nodes)
 
     def guarded(fn: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
-        def handler(msg: Message, context: Context) -> Message:
-            try:
-                return fn(msg, context)
-            except Exception as exc:  # every failure becomes a fixed-phrase error reply
-                cfg = dict(context.node_config)
-                pid = cfg.get("partition-id")
-                if "ledger-path" not in cfg and sim_nodes is not None and pid is not None:
-                    cfg.update(sim_nodes.get(int(pid), {}))
-                return error_reply(msg, exc, node_log_path(cfg))
-
-        handler.__name__ = fn.__name__
-        return handler
+        return _guarded(fn, sim_nodes)
 
     @app.train()
     @guarded

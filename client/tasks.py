@@ -29,9 +29,6 @@ from core.series import cell_sensitivity
 log = logging.getLogger("fedalloc.node")
 
 TRAIN = DPSGD
-# The run-config keys that fix what a run's noise pays for; a run's later requests must match.
-PLAN_KEYS = ("num-server-rounds", "local-epochs", "batch-size", "lr", "clip-norm", "weight-bound", "epsilon", "release-share",
-             "release-blocks", "lags", "horizon", "stride", "period", "measure", "los-cap", "start", "cutoff")
 
 
 @dataclass(frozen=True)
@@ -46,11 +43,6 @@ class NoisePlan:
 def run_key(run: RunSettings, run_id: str) -> str:
     """Runs are known to a node by their public name (stable across a coordinator's restarts)."""
     return run.run_name or f"flwr-run-{run_id}"
-
-
-def _plan_config(run: RunSettings) -> dict:
-    cfg = run.as_config()
-    return {k: cfg[k] for k in PLAN_KEYS}
 
 
 def check_model(state: dict[str, torch.Tensor], run: RunSettings) -> None:
@@ -88,10 +80,10 @@ def noise_plan(ledger: Ledger, run: RunSettings, node: NodeSettings, key: str, s
         sigma = training_sigma(ledger.mechanisms(), steps.sample_rate, steps.steps * rounds_left,
                                [Mechanism(rel_sigma, 1.0, 1, RELEASE)], target, ledger.delta)
         recorded = ledger.set_plan(key, {
-            "config": _plan_config(run), "train_sigma": sigma, "release_sigma": rel_sigma,
+            "config": run.plan(), "train_sigma": sigma, "release_sigma": rel_sigma,
             "sample_rate": steps.sample_rate, "steps_per_round": steps.steps, "rounds": run.num_server_rounds,
             "first_round": server_round})
-    if recorded["config"] != _plan_config(run):
+    if recorded["config"] != run.plan():
         raise OutsidePlan(f"run {key!r} changed its training plan after it started")
     if recorded["train_sigma"] is None or not recorded["first_round"] <= server_round <= recorded["rounds"]:
         raise OutsidePlan(f"round {server_round} is outside run {key!r}'s plan "
@@ -185,10 +177,10 @@ def predict_task(
         rel_sigma = release_sigma(run.epsilon * run.release_share, ledger.delta)
         if ledger.epsilon([Mechanism(rel_sigma, 1.0, 1, RELEASE)]) > ledger.budget:
             raise BudgetExceeded(f"the D_i release needs more than the {ledger.remaining():.3f} left")
-        recorded = ledger.set_plan(key, {"config": _plan_config(run), "train_sigma": None, "release_sigma": rel_sigma,
+        recorded = ledger.set_plan(key, {"config": run.plan(), "train_sigma": None, "release_sigma": rel_sigma,
                                          "sample_rate": None, "steps_per_round": None, "rounds": run.num_server_rounds,
                                          "first_round": run.num_server_rounds + 1})
-    if recorded["config"] != _plan_config(run):
+    if recorded["config"] != run.plan():
         raise OutsidePlan(f"run {key!r} changed its training plan after it started")
     sens = cell_sensitivity(run.measure, run.los_cap)
     rel_sigma = float(recorded["release_sigma"])

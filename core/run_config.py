@@ -1,9 +1,16 @@
-"""The public run configuration shared by coordinator and nodes.
+"""The run configuration: one source of defaults, split by who owns each key.
 
-These values travel from the coordinator to every node inside each message's ConfigRecord, so
-nodes behave the same under `flwr run` (which reads pyproject) and under the Python simulation
-driver (which does not). Nothing here is private. DEFAULTS mirrors [tool.flwr.app.config] in
-pyproject.toml; a test keeps the two equal.
+DEFAULTS is the only place a default is written; pyproject's [tool.flwr.app.config] must equal it
+(`flwr run` reads that table; tests/test_config.py keeps the two equal) and the CLI's options
+default to "not given". The keys fall in two groups:
+
+- the **public training plan** (`PLAN_KEYS`): what a node's noise pays for; sent to every node in
+  each message's ConfigRecord (`RunSettings.node_config()`), recorded in its ledger's run plan;
+- the **coordinator's settings** (`COORDINATOR_KEYS`): strategy, allocation policy and total,
+  resources file, output folder, timeouts, pretraining; never sent to nodes.
+
+A node's own settings (records and ledger paths, lifetime budget, limits) are not run config at
+all: they are its node config (`client/node.py` NodeSettings). Nothing here is private.
 """
 
 from __future__ import annotations
@@ -63,6 +70,16 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
+# What a node's noise pays for; a run's later requests must match the plan recorded at its first.
+PLAN_KEYS: tuple[str, ...] = (
+    "num-server-rounds", "local-epochs", "batch-size", "lr", "clip-norm", "weight-bound", "epsilon", "release-share",
+    "release-blocks", "lags", "horizon", "stride", "period", "measure", "los-cap", "start", "cutoff")
+# Coordinator-only: never sent to a node (a node needs none of them, and paths stay local).
+COORDINATOR_KEYS: tuple[str, ...] = (
+    "strategy", "trim-beta", "krum-byzantine", "min-nodes", "fraction-train", "total", "policy", "integer",
+    "resources-file", "results-dir", "seed", "pretrain-hospitals", "round-timeout", "sim-data-dir")
+
+
 @dataclass(frozen=True)
 class RunSettings:
     num_server_rounds: int
@@ -120,7 +137,17 @@ class RunSettings:
         return settings
 
     def as_config(self) -> dict[str, Any]:
+        """Every key (the coordinator's own record of the run, metrics.json)."""
         return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+
+    def node_config(self) -> dict[str, Any]:
+        """What crosses the wire to nodes: everything but the coordinator's own settings."""
+        return {k: v for k, v in self.as_config().items() if k not in COORDINATOR_KEYS}
+
+    def plan(self) -> dict[str, Any]:
+        """The public training plan a node records and holds later requests to."""
+        cfg = self.as_config()
+        return {k: cfg[k] for k in PLAN_KEYS}
 
     @property
     def window_stride(self) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import typer
 from rich.console import Console
@@ -36,20 +36,20 @@ def fail(message: str, code: int = 2) -> None:
 
 def simulate_command(
     hospitals: int = typer.Option(10, help="Synthetic hospitals to generate (ignored with --data)."),
-    rounds: int = typer.Option(5, help="Federated training rounds."),
-    epsilon: float = typer.Option(3.0, help="ε each node may spend in this run."),
+    rounds: Optional[int] = typer.Option(None, help="Federated training rounds [default: run config's num-server-rounds, 5]."),
+    epsilon: Optional[float] = typer.Option(None, help="ε each node may spend in this run [default: run config's epsilon, 3]."),
     budget: Optional[float] = typer.Option(None, help="Each node's lifetime ε budget (synthetic: default --epsilon; "
                                            "--data: the budget recorded in DATA/ledgers, or 3.0 for a new ledger)."),
     data: Optional[Path] = typer.Option(None, "--data", help="Directory with one encounter-records file per hospital."),
     resources: Optional[Path] = typer.Option(None, "--resources", help="CSV with hospital,resources (R_i)."),
-    total: float = typer.Option(1000.0, help="A_total to allocate."),
-    policy: str = typer.Option("seed", help="Allocation policy."),
-    strategy: str = typer.Option("fedavg", help="fedavg, fedtrimmedavg or krum."),
+    total: Optional[float] = typer.Option(None, help="A_total to allocate [default: 1000]."),
+    policy: Optional[str] = typer.Option(None, help="Allocation policy: seed, proportional, need_gap, capped or drg_budget [default: seed]."),
+    strategy: Optional[str] = typer.Option(None, help="fedavg, fedtrimmedavg or krum [default: fedavg]."),
     engine: str = typer.Option("ray", help="ray (Flower simulation engine) or inprocess (fast, one process)."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="HOST:PORT of an existing Ray cluster's head "
                                               "to run on (engine ray; default: a local loopback-only Ray)."),
-    start: str = typer.Option("2023-01-02", help="First day of the series (public)."),
-    cutoff: str = typer.Option("2025-12-01", help="Train on records before this date, forecast after it."),
+    start: Optional[str] = typer.Option(None, help="First day of the series (public) [default: 2023-01-02]."),
+    cutoff: Optional[str] = typer.Option(None, help="Train on records before this date, forecast after it [default: 2025-12-01]."),
     out: Path = typer.Option(Path("results"), "--out", help="Results directory."),
     name: Optional[str] = typer.Option(None, help="Run name (default: timestamp)."),
     seed: int = typer.Option(0, help="Seed of the synthetic hospitals and the initial model."),
@@ -59,12 +59,16 @@ def simulate_command(
                                              "e.g. \"period='day' lags=14 horizon=7\"; checked before anything runs."),
 ) -> None:
     """Run a whole federation locally: DP training, D_i release, allocation."""
+    from core.run_config import DEFAULTS
     from simulations.driver import InvalidNodeFiles, check_request, simulate
 
     if data is not None and not data.is_dir():
         fail(f"--data {data}: not a directory")
-    overrides = {"total": total, "policy": policy, "strategy": strategy, "start": start, "cutoff": cutoff,
-                 **parse_run_config(run_config)}
+    # Options left out are not sent: core/run_config.py DEFAULTS is the one source of defaults.
+    given = {"total": total, "policy": policy, "strategy": strategy, "start": start, "cutoff": cutoff}
+    overrides = {**parse_run_config(run_config), **{k: v for k, v in given.items() if v is not None}}
+    rounds = int(overrides.pop("num-server-rounds", DEFAULTS["num-server-rounds"])) if rounds is None else rounds
+    epsilon = float(overrides.pop("epsilon", DEFAULTS["epsilon"])) if epsilon is None else epsilon
     try:
         check_request(hospitals=hospitals, rounds=rounds, epsilon=epsilon, data_dir=data, engine=engine,
                       results_dir=str(out), run_name=name, seed=seed, overrides=overrides, resume=resume, secagg=secagg,
@@ -73,15 +77,7 @@ def simulate_command(
         fail(str(exc))
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} rounds"),
                   TimeElapsedColumn(), console=console) as progress:
-        task = progress.add_task("federated DP training", total=rounds)
-
-        def on_round(r: int, n: int, rec: dict) -> None:
-            eps = rec.get("mean_epsilon")
-            progress.update(task, completed=r, description=(
-                f"round {r}/{n}: {rec['ok']}/{rec['asked']} nodes"
-                + (f", {rec['failed']} failed" if rec["failed"] else "")
-                + (f", ε≈{eps:.2f}" if eps is not None else "")))
-
+        on_round = _round_progress(progress, progress.add_task("federated DP training", total=rounds))
         try:
             outcome = simulate(
                 hospitals=hospitals, rounds=rounds, epsilon=epsilon, budget=budget, data_dir=data, resources=resources,
@@ -102,6 +98,17 @@ def simulate_command(
         raise typer.Exit(1)
     _print_allocations(outcome)
     console.print(f"results in [bold]{outcome.path}[/bold] (allocations.csv, forecasts.csv, rounds.csv, metrics.json)")
+
+
+def _round_progress(progress: Progress, task: Any) -> Callable[[int, int, dict], None]:
+    def on_round(r: int, n: int, rec: dict) -> None:
+        eps = rec.get("mean_epsilon")
+        progress.update(task, completed=r, description=(
+            f"round {r}/{n}: {rec['ok']}/{rec['asked']} nodes"
+            + (f", {rec['failed']} failed" if rec["failed"] else "")
+            + (f", ε≈{eps:.2f}" if eps is not None else "")))
+
+    return on_round
 
 
 def _print_allocations(outcome) -> None:  # type: ignore[no-untyped-def]

@@ -146,7 +146,7 @@ def run_federation(grid: Grid, run: RunSettings, workflow: Workflow | None = Non
         nodes = wait_for_nodes(grid, workflow.min_nodes(run), run.round_timeout)
         if rounds.offset < run.num_server_rounds:
             arrays = workflow.train(grid, run, arrays, nodes, rounds)
-        replies = predict_round(grid, arrays, ConfigRecord(run.as_config()), run.round_timeout)
+        replies = predict_round(grid, arrays, ConfigRecord(run.node_config()), run.round_timeout)
         out.allocations, out.fairness, out.epsilon = allocate_released(run, replies)
     except (RoundFailed, ValueError) as exc:
         out.error = str(exc)

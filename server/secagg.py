@@ -236,7 +236,7 @@ class SecAggWorkflow:
             min_available_clients=n,
             initial_parameters=_state_to_parameters(arrays),
             # Nodes plan and charge by the run's round: Flower counts the resumed part from 1.
-            on_fit_config_fn=lambda r: {**run.as_config(), "server-round": r, "round-offset": log.offset},
+            on_fit_config_fn=lambda r: {**run.node_config(), "server-round": r, "round-offset": log.offset},
             fit_metrics_aggregation_fn=lambda _: {},
         )
 

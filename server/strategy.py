@@ -134,7 +134,7 @@ class StrategyWorkflow:
             initial_arrays=arrays,
             num_rounds=run.num_server_rounds - log.offset,
             timeout=run.round_timeout,
-            train_config=ConfigRecord({**run.as_config(), "round-offset": log.offset}),
+            train_config=ConfigRecord({**run.node_config(), "round-offset": log.offset}),
             evaluate_fn=after_round,
         )
         return result.arrays
