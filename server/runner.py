@@ -25,6 +25,7 @@ from flwr.serverapp import Grid
 from core.allocation import allocate
 from core.drg import DRG_GROUPS
 from core.protocol import DEMAND, EPSILON, demand_key
+from core.tables import numeric, read_text_table, unique_names
 from core.run_config import RunSettings, plan_steps, public_examples
 from forecasting.pretrain import initial_model
 from server.audit import AuditingGrid, MessageAudit
@@ -143,6 +144,8 @@ def run_federation(grid: Grid, run: RunSettings, workflow: Workflow | None = Non
     t0 = time.monotonic()
     nodes: list[int] = []
     try:
+        if run.resources_file:
+            read_resources(run.resources_file)  # a bad file fails the run before any node spends ε
         nodes = wait_for_nodes(grid, workflow.min_nodes(run), run.round_timeout)
         if rounds.offset < run.num_server_rounds:
             arrays = workflow.train(grid, run, arrays, nodes, rounds)
@@ -170,15 +173,12 @@ def _committer(path: Path, run: RunSettings, rounds: RoundLog,
 
 def read_resources(path: str) -> dict[str, float]:
     """The coordinator's public `hospital,resources` file → {hospital: R_i}."""
-    df = pd.read_csv(path)
-    missing = {"hospital", "resources"} - set(df.columns)
-    if missing:
-        raise ValueError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
-    values = pd.to_numeric(df["resources"], errors="coerce")
-    bad = df.index[values.isna() | (values < 0)]
-    if len(bad):
-        raise ValueError(f"{path}: row {bad[0] + 2}, column resources: not a non-negative number")
-    return dict(zip(df["hospital"].astype(str), values.astype(float)))
+    frame, lines, problems = read_text_table(path, ("hospital", "resources"), "hospital rows")
+    names = unique_names(frame, lines, "hospital", problems, "hospital") if "hospital" in frame.columns else None
+    values = numeric(frame, lines, "resources", problems) if "resources" in frame.columns else None
+    problems.raise_if_any()
+    assert names is not None and values is not None  # a missing column is a problem raised above
+    return dict(zip(names, values.tolist()))
 
 
 def released_demand(run: RunSettings, replies: list[Message]) -> pd.DataFrame:

@@ -85,8 +85,13 @@ def load_hospitals(data_dir: Path, run: RunSettings, resources_file: Path | None
     truth = true_demand(configs, run).set_index("hospital").loc[names, "true_demand"].to_numpy(dtype=float)
     resources_file = Path(resources_file) if resources_file else data_dir / "hospitals.csv"
     if resources_file.exists():
-        table = pd.read_csv(resources_file).set_index("hospital")
-        resources = table.loc[names, "resources"].to_numpy(dtype=float)
+        from server.runner import read_resources
+
+        table = read_resources(str(resources_file))
+        missing = sorted(set(names) - set(table))
+        if missing:
+            raise ValueError(f"{resources_file}: no resources for hospital(s) {', '.join(missing)}")
+        resources = np.array([table[n] for n in names], dtype=float)
     else:
         resources_file = None
         resources = np.ones(len(names))
