@@ -2,9 +2,9 @@
 
     /work/venv/bin/python benchmarks/bench_overhead.py [--reps 3] [--threads 1]
 
-Measures, for the default run config: one RDP `compute_epsilon` call on a node's planned history,
+Measures, for the default run config: one (cold) PLD `compute_epsilon` call on a node's planned history,
 the σ calibration a fresh node does before its first round (`training_sigma` + `release_sigma`,
-exactly as client.tasks.noise_plan; any accountant cache in client.ledger is
+exactly as client.tasks.noise_plan; the accountant's and calibration's caches are
 cleared before each timing, so these are a fresh node's cold calls), one local round of DP-SGD (Opacus, `train_dp`) and the same
 round without DP, and the D_i forecast. Medians over --reps.
 """
@@ -23,11 +23,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def _clear_accountant_cache() -> None:
-    """client.ledger may memoise the accountant; time cold calls, as a fresh node makes them."""
-    import client.ledger as ledger
+    """Time cold calls, as a fresh node process makes them: forget the accountant's stored states
+    (client/accounting.py) and the calibration caches (client/calibration.py)."""
+    import client.accounting as accounting
+    import client.calibration as calibration
 
-    for name in dir(ledger):
-        fn = getattr(ledger, name)
+    accounting.clear_caches()
+    for name in dir(calibration):
+        fn = getattr(calibration, name)
         if callable(getattr(fn, "cache_clear", None)):
             fn.cache_clear()
 

@@ -2,8 +2,10 @@
 
 Every mechanism the node runs is one entry: noise multiplier σ, sample rate q, steps, the
 neighbouring relation of its input and the L2 sensitivity of one record (client/accounting.py).
-ε is recomputed from the whole history with dp_accounting's privacy-loss distributions, so anyone
-holding `fedalloc ledger show --json` can recompute it with another accountant.
+ε is the composition of the whole history with dp_accounting's privacy-loss distributions, so anyone
+holding `fedalloc ledger show --json` can recompute it with another accountant. A charge composes
+its mechanism onto the composed state of the history before it (kept in memory, and saved beside
+the ledger as `<ledger>.pld-state.npz` by a process that started cold), not the whole history.
 
 Durability: a charge is written (temp file + fsync + rename + directory fsync) under an exclusive
 file lock *before* the work it pays for is done or sent, so a crash can waste budget but never
@@ -27,7 +29,8 @@ from typing import Any, Iterator
 
 from filelock import FileLock
 
-from client.accounting import ADD_REMOVE, DPSGD, REPLACE_ONE, Mechanism, MechanismLike, epsilon
+from client.accounting import (ADD_REMOVE, DPSGD, REPLACE_ONE, Mechanism, MechanismLike, epsilon, has_state,
+                               history_key, load_state, save_state)
 
 FORMAT = "fedalloc-ledger/2"
 READABLE = ("fedalloc-ledger/1", FORMAT)
@@ -60,6 +63,7 @@ class Ledger:
         self._data = data
         # A node config may lower (never raise) the lifetime budget recorded in the file.
         self._limit = limit
+        self._state_tried = False  # looked for the saved composed state (client/accounting.py)
 
     # -- opening --------------------------------------------------------------------------
     @classmethod
@@ -150,7 +154,27 @@ class Ledger:
         return [(m.noise_multiplier, m.sample_rate, m.steps) for m in self.mechanisms()]
 
     def epsilon(self, extra: list[Mechanism] | None = None) -> float:
+        self._warm_state()
         return epsilon(self.mechanisms() + list(extra or []), self.delta)
+
+    @property
+    def state_path(self) -> Path:
+        """The composed privacy-loss state of this ledger's history (a cache; client/accounting.py)."""
+        return self.path.with_name(self.path.name + ".pld-state.npz")
+
+    def _warm_state(self) -> bool:
+        """True if the history's composed state was already in memory (a long-lived process).
+
+        Otherwise (a fresh process: deployment runs one per message) start from the state the
+        last charge saved, so the next charge composes one mechanism instead of the history.
+        """
+        keys = history_key(self.mechanisms())
+        if not keys or has_state(keys):
+            return True
+        if not self._state_tried:
+            self._state_tried = True
+            load_state(self.state_path, keys)
+        return False
 
     def remaining(self) -> float:
         return max(self.budget - self.epsilon(), 0.0)
@@ -186,6 +210,8 @@ class Ledger:
         """
         with _lock(self.path):
             self._data = _read(self.path)
+            self._state_tried = False  # the file may have moved on since this handle last looked
+            warm = self._warm_state()
             eps_after = self.epsilon(mechanisms)
             if eps_after > self.budget:
                 raise BudgetExceeded(
@@ -208,6 +234,11 @@ class Ledger:
                     "time": stamp,
                 })
             _atomic_write(self.path, self._data)
+            if not warm:
+                # This process started cold: leave the state for the next one (a cache, so a
+                # failure to write it never fails the charge, which is already on disk).
+                with contextlib.suppress(Exception):
+                    save_state(self.state_path, history_key(self.mechanisms()))
         return eps_after
 
     def summary(self) -> dict[str, Any]:
