@@ -17,7 +17,7 @@ from typing import Any, Mapping
 import pandas as pd
 
 from client.ledger import Ledger
-from core.drg import DRG_GROUPS
+from core.drg import DRG_GROUPS, catalogue_for, load_catalogue
 from core.records import load_records
 from core.run_config import RunSettings
 from core.series import demand_series
@@ -45,6 +45,10 @@ class NodeSettings:
     # Synthetic nodes (simulations) may keep per-run ledgers; a real node has one lifetime
     # ledger, remembered by a marker beside its records so a deleted ledger is noticed.
     synthetic: bool = False
+    # The node's own copy of the public group catalogue (node config `groups-file`): a run whose
+    # group list differs is refused, never silently realigned. None: use the run's list.
+    groups_file: Path | None = None
+    log_path: Path | None = None
 
     @property
     def ledger_marker(self) -> Path | None:
@@ -81,6 +85,8 @@ class NodeSettings:
             max_epsilon_per_query=float(cfg.get("max-epsilon-per-query", DEFAULT_LIMITS["max-epsilon-per-query"])),
             max_rounds_per_run=int(cfg.get("max-rounds-per-run", DEFAULT_LIMITS["max-rounds-per-run"])),
             synthetic=str(cfg.get("synthetic", "false")).lower() in ("1", "true", "yes"),
+            groups_file=Path(str(cfg["groups-file"])).expanduser() if cfg.get("groups-file") else None,
+            log_path=Path(str(cfg.get("log-path") or f"{cfg['ledger-path']}.log")).expanduser(),
         )
         for key, value in (("max-epsilon-per-run", settings.max_epsilon_per_run),
                            ("max-epsilon-per-query", settings.max_epsilon_per_query),
@@ -95,16 +101,46 @@ def open_ledger(node: NodeSettings) -> Ledger:
                        marker=node.ledger_marker)
 
 
+def check_catalogue(node: NodeSettings, groups: tuple[str, ...]) -> None:
+    """Refuse a run whose group list differs from the node's own catalogue copy (if it has one)."""
+    if node.groups_file is None:
+        return
+    own = load_catalogue(node.groups_file)
+    if own.groups != tuple(groups):
+        raise ValueError(f"the run's group catalogue ({','.join(groups)[:200]}) differs from this node's "
+                         f"groups-file {node.groups_file} ({','.join(own.groups)[:200]})")
+
+
 def series_for(node: NodeSettings, run: RunSettings) -> pd.DataFrame:
-    """The node's demand series over the public span [start, cutoff)."""
+    """The node's demand series over the public span [start, cutoff), one column per catalogue group."""
+    groups = run.group_list
+    check_catalogue(node, groups)
     stat = os.stat(node.data_path)
-    return _series_cached(str(node.data_path), stat.st_mtime_ns, stat.st_size, run.start, run.cutoff, run.period, run.measure, run.los_cap).copy()
+    return _series_cached(str(node.data_path), stat.st_mtime_ns, stat.st_size, run.start, run.cutoff, run.period,
+                          run.measure, run.los_cap, groups, str(node.log_path or "")).copy()
 
 
 @lru_cache(maxsize=2048)  # one entry per virtual node in a simulation process
-def _series_cached(path: str, mtime: int, size: int, start: str, end: str, period: str, measure: str, los_cap: float) -> pd.DataFrame:
+def _series_cached(path: str, mtime: int, size: int, start: str, end: str, period: str, measure: str, los_cap: float,
+                   groups: tuple[str, ...] = DRG_GROUPS, log_path: str = "") -> pd.DataFrame:
     records = load_records(path)
-    return demand_series(records, start=start, end=end, period=period, measure=measure, los_cap=los_cap, groups=DRG_GROUPS)
+    note_outside_catalogue(records, groups, Path(log_path) if log_path else None)
+    return demand_series(records, start=start, end=end, period=period, measure=measure, los_cap=los_cap, groups=groups)
+
+
+def note_outside_catalogue(records: pd.DataFrame, groups: tuple[str, ...], log_path: Path | None) -> int:
+    """Count the records whose group is outside the run's catalogue and say so in the node's own
+    log (never sent): dropping them is fine privacy-wise, dropping them silently is not."""
+    outside = records["drg_group"][~records["drg_group"].isin(groups)]
+    if len(outside) and log_path is not None:
+        from client.app import _log_to  # the node log's file handler lives with the ClientApp
+
+        counts = outside.value_counts()
+        listed = ", ".join(f"{g!r}: {n}" for g, n in counts.head(20).items()) + (" …" if len(counts) > 20 else "")
+        _log_to(log_path)
+        log.warning("%d record(s) in %d group(s) outside the run's catalogue are dropped from the demand series "
+                    "(no training, no D_i): %s", len(outside), len(counts), listed, extra={"log_path": str(log_path)})
+    return int(len(outside))
 
 
 def _flwr_run_simulation_node(pid: int, run_config: dict[str, Any], run_id: str) -> dict[str, Any]:
@@ -120,12 +156,15 @@ def _flwr_run_simulation_node(pid: int, run_config: dict[str, Any], run_id: str)
     data_dir = Path(str(run_config.get("sim-data-dir") or "")).expanduser()
     if not str(run_config.get("sim-data-dir") or ""):
         seed = int(run_config.get("seed", 0))
-        data_dir = Path.home() / ".cache" / "fedalloc" / f"synthetic-seed{seed}"
+        # Synthetic hospitals treat the run's catalogue groups (a custom catalogue gets its own cache).
+        cat = catalogue_for(str(run_config.get("groups-file") or ""), str(run_config.get("groups") or ""))
+        suffix = "" if cat.groups == DRG_GROUPS else f"-groups{cat.fingerprint}"
+        data_dir = Path.home() / ".cache" / "fedalloc" / f"synthetic-seed{seed}{suffix}"
         path = data_dir / f"{name}.csv"
         if not path.exists():
             data_dir.mkdir(parents=True, exist_ok=True)
             tmp = data_dir / f".{name}.{os.getpid()}.csv"
-            write_records(generate_hospital_records(SyntheticConfig(seed=seed), pid), tmp)
+            write_records(generate_hospital_records(SyntheticConfig(seed=seed, groups=cat.groups), pid), tmp)
             os.replace(tmp, path)
     if str(run_config.get("sim-data-dir") or ""):
         # Real files: one lifetime ledger per hospital file, whatever the run.

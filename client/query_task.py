@@ -23,7 +23,8 @@ import pandas as pd
 from client.calibration import release_sigma
 from client.ledger import Mechanism
 from client.limits import OutsidePlan
-from client.node import NodeSettings, open_ledger
+from client.node import NodeSettings, check_catalogue, open_ledger
+from core.drg import DRG_GROUPS
 from core.queries import QuerySpec, local_answer, sensitivity
 from core.records import load_records
 
@@ -83,6 +84,9 @@ def query_task(
     """
     if spec.epsilon > node.max_epsilon_per_query:
         raise OutsidePlan(f"query asks ε {spec.epsilon} > this node's max-epsilon-per-query {node.max_epsilon_per_query}")
+    if spec.group_by is not None:
+        # Bins come from the query's catalogue: a node with its own copy refuses another list.
+        check_catalogue(node, spec.catalogue or DRG_GROUPS)
     exact = local_answer(node_records(node), spec)
     ledger = open_ledger(node)
     plan = plan_release(spec, ledger.delta, ledger.accountant)

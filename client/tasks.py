@@ -17,12 +17,13 @@ from client.accounting import DPSGD, Mechanism
 from client.calibration import RELEASE, release_sigma, training_sigma
 from client.dp_training import plan_steps, predict_counts, train_dp
 from forecasting.features import forecast_inputs, release_window, training_examples
+from forecasting.intervals import interval, public_calibration, release_variance
+from core.protocol import DEMAND_HI, DEMAND_LO, DEMAND_MEDIAN
 from client.ledger import BudgetExceeded, Ledger
 from client.limits import OutsidePlan, check_global_model
 from client.releases import ReleaseStore, fingerprint
 from forecasting.model import build_model
 from client.node import NodeSettings, open_ledger, series_for
-from core.drg import DRG_GROUPS
 from core.run_config import RunSettings
 from core.series import cell_sensitivity
 
@@ -47,7 +48,7 @@ def run_key(run: RunSettings, run_id: str) -> str:
 
 def check_model(state: dict[str, torch.Tensor], run: RunSettings) -> None:
     expected = {k: (tuple(v.shape), str(v.numpy().dtype))
-                for k, v in build_model(run.lags, run.horizon, len(DRG_GROUPS)).state_dict().items()}
+                for k, v in build_model(run.lags, run.horizon, len(run.group_list)).state_dict().items()}
     check_global_model({k: v.numpy() for k, v in state.items()}, expected, run.weight_bound)
 
 
@@ -77,8 +78,9 @@ def noise_plan(ledger: Ledger, run: RunSettings, node: NodeSettings, key: str, s
         if target > ledger.budget:
             # Refuse rather than quietly train with more noise than the coordinator planned for.
             raise BudgetExceeded(f"run asks ε {run.epsilon}; only {ledger.remaining():.3f} of the lifetime budget left")
+        # rounds=: the plan is checked against the exact per-round charges the ledger will fold.
         sigma = training_sigma(ledger.mechanisms(), steps.sample_rate, steps.steps * rounds_left,
-                               [Mechanism(rel_sigma, 1.0, 1, RELEASE)], target, ledger.delta)
+                               [Mechanism(rel_sigma, 1.0, 1, RELEASE)], target, ledger.delta, rounds=rounds_left)
         recorded = ledger.set_plan(key, {
             "config": run.plan(), "train_sigma": sigma, "release_sigma": rel_sigma,
             "sample_rate": steps.sample_rate, "steps_per_round": steps.steps, "rounds": run.num_server_rounds,
@@ -117,7 +119,7 @@ def train_task(
         eps = ledger.charge([Mechanism(plan.train_sigma, plan.sample_rate, plan.steps_per_round, TRAIN,
                                        sensitivity=run.clip_norm)],
                             run=key, purpose=f"train round {server_round}", round_=server_round, run_id=run_id)
-    model = build_model(run.lags, run.horizon, len(DRG_GROUPS))
+    model = build_model(run.lags, run.horizon, len(run.group_list))
     model.load_state_dict(global_state)
     used = train_dp(
         model,
@@ -200,10 +202,26 @@ def predict_task(
         noisy = release_window(window, run.release_blocks, rel_sigma * sens, rng)
         store.put_window(noisy, {"epsilon": eps})
     first_target = series.index[-1] + (series.index[-1] - series.index[-2])
-    model = build_model(run.lags, run.horizon, len(DRG_GROUPS))
+    model = build_model(run.lags, run.horizon, len(run.group_list))
     model.load_state_dict(global_state)
     counts = predict_counts(model, *forecast_inputs(noisy, first_target))  # (G, horizon)
     per_group = counts.sum(axis=1)
     out = {"demand": float(per_group.sum()), "epsilon": eps, "release-noise": rel_sigma * sens}
-    out.update({f"demand-{g}": float(v) for g, v in zip(DRG_GROUPS, per_group)})
+    out.update({f"demand-{g}": float(v) for g, v in zip(run.group_list, per_group)})
+    out.update(demand_interval(model, run, out["demand"], first_target, rel_sigma * sens))
     return out
+
+
+def demand_interval(model: torch.nn.Module, run: RunSettings, demand: float, first_target: pd.Timestamp,
+                    release_std: float) -> dict[str, float]:
+    """The 80 % interval and median of D_i (forecasting/intervals.py), at no extra ε.
+
+    Privacy: inputs are the released D_i (itself computed from the stored noisy window), the global
+    model (a DP output every node holds), the public release noise std σ·Δ and the public
+    synthetic cohort; no record is read here, so this is post-processing of the D_i release. Two
+    nodes with equal released windows get equal intervals (tests/test_intervals.py).
+    """
+    cal = public_calibration(model, run)
+    var = release_variance(model, first_target, model.n_groups, run.release_blocks, release_std)
+    iv = interval(demand, var, cal)
+    return {DEMAND_LO: iv.lo, DEMAND_MEDIAN: iv.median, DEMAND_HI: iv.hi}

@@ -232,6 +232,25 @@ def _drg_budget(
     return _Outcome(alloc, weight, {"demand": d, "resources": r, "raw_payment": raw}, raw)
 
 
+def _checked_inputs(policy: str, demand: ArrayLike | None, resources: ArrayLike | None, total: float | None,
+                    integer: bool) -> tuple[np.ndarray, np.ndarray, float]:
+    """(demand, resources — NaN where the policy needs none —, total), each checked."""
+    if demand is None:
+        raise ValueError(f"demand is required for policy {policy!r}")
+    d = as_vector("demand", demand)
+    if d.size == 0:
+        raise ValueError("demand is empty: need at least one hospital")
+    if resources is None:
+        if policy in _NEEDS_RESOURCES:
+            raise ValueError(f"resources is required for policy {policy!r}")
+        r = np.full(d.size, np.nan)
+    else:
+        r = as_vector("resources", resources, length=d.size)
+    if total is None:
+        raise ValueError(f"total is required for policy {policy!r}")
+    return d, r, as_scalar("total", total, integer=integer)
+
+
 def _compute(
     demand: ArrayLike | None,
     resources: ArrayLike | None,
@@ -260,22 +279,8 @@ def _compute(
         )
     _reject_unused(policy, group_demand=group_demand, relative_weights=relative_weights, budget=budget)
 
-    if demand is None:
-        raise ValueError(f"demand is required for policy {policy!r}")
-    d = as_vector("demand", demand)
+    d, r, t = _checked_inputs(policy, demand, resources, total, integer)
     n = d.size
-    if n == 0:
-        raise ValueError("demand is empty: need at least one hospital")
-    if resources is None:
-        if policy in _NEEDS_RESOURCES:
-            raise ValueError(f"resources is required for policy {policy!r}")
-        r = np.full(n, np.nan)
-    else:
-        r = as_vector("resources", resources, length=n)
-    if total is None:
-        raise ValueError(f"total is required for policy {policy!r}")
-    t = as_scalar("total", total, integer=integer)
-
     columns: dict[str, np.ndarray] = {"demand": d, "resources": r}
     d_alloc = d
     std = _checked_std(d, quantile, demand_std)
@@ -348,8 +353,9 @@ def allocate(
 ) -> AllocationResult:
     """Allocate `total` across hospitals under `policy`; see the module docstring for the rules.
 
-    Returns the per-hospital table and the fairness summary of core.fairness (Gini and Jain of
-    coverage A_i/D_i, max relative shortfall; for drg_budget measured against the raw payments).
+    Returns the per-hospital table and the fairness summary of core.fairness (share gap and
+    coverage against the demand-proportional share, Gini and Jain of coverage A_i/D_i; for
+    drg_budget measured against the raw payments).
 
     Invalid input (negative, NaN or infinite values, mismatched lengths, infeasible bounds, options
     that do not apply to the policy) raises ValueError naming the argument and, where there is one,

@@ -1,7 +1,7 @@
 """What node and coordinator agree on: error codes and phrases, reply keys.
 
 Both sides import this module, so the coordinator never imports node code to know what a node
-may send (docs/DESIGN.md, "What crosses the wire").
+may send (docs/DESIGN.md, "Threat model and what crosses the wire").
 """
 
 from __future__ import annotations
@@ -25,6 +25,13 @@ SAMPLE_RATE = "sample-rate"
 STEPS = "steps"
 RELEASE_NOISE = "release-noise"
 DEMAND = "demand"
+# The 80 % interval and median of D_i (forecasting/intervals.py): post-processing of the same
+# release as D_i. They share the `demand-` prefix with the per-group keys, so these three names
+# can never be group names, and whoever sums a reply's groups must skip them.
+DEMAND_LO = "demand-lo"
+DEMAND_MEDIAN = "demand-median"
+DEMAND_HI = "demand-hi"
+DEMAND_INTERVAL = (DEMAND_LO, DEMAND_MEDIAN, DEMAND_HI)
 HOSPITAL = "hospital"
 QUERY_ANSWER = "query-answer-"
 

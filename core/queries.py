@@ -6,7 +6,7 @@ exact answer vector on its own records (:func:`local_answer`), adds Gaussian noi
 releases the noisy vector. The coordinator sums the noisy vectors across nodes and turns them into
 estimates with confidence intervals (:func:`combine`), which is post-processing.
 
-Privacy unit (DESIGN.md): neighbouring datasets differ by one encounter record. Every record
+Privacy unit (docs/DESIGN.md): neighbouring datasets differ by one encounter record. Every record
 falls in at most one bin (categories are unique), so the L2 sensitivity of the released vector is
 
 ==========  =======================================  ==========================================
@@ -55,7 +55,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from core.drg import DRG_GROUPS
+from core.drg import DRG_GROUPS, check_group_codes
 
 STATISTICS: tuple[str, ...] = ("count", "sum", "mean")
 # Only public, low-cardinality categorical columns can be grouped by. Identifiers are excluded: a
@@ -66,7 +66,7 @@ VALUE_COLUMNS: tuple[str, ...] = ("length_of_stay", "cost", "age")
 MAX_BINS = 1000
 MAX_CATEGORY_LEN = 64
 _ISO_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
-_CONFIG_KEYS = {"statistic", "column", "lower", "upper", "group-by", "categories", "start", "end", "epsilon"}
+_CONFIG_KEYS = {"statistic", "column", "lower", "upper", "group-by", "categories", "start", "end", "epsilon", "catalogue"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,6 +76,8 @@ class QuerySpec:
     ``start``/``end`` are ISO dates (YYYY-MM-DD), both inclusive, on ``admit_date``.
     ``categories`` are declared by the querier, never taken from the data: the answer always has
     one bin per declared category, so its shape does not reveal which categories a node treats.
+    ``catalogue`` is the run's public group catalogue the categories must come from (None: the
+    built-in 12 of core/drg.py); it travels with the query so the node checks the same list.
     """
 
     statistic: str
@@ -87,9 +89,14 @@ class QuerySpec:
     start: str | None = None
     end: str | None = None
     epsilon: float
+    catalogue: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         # Normalise (strip strings, float bounds) before validating; frozen needs object.__setattr__.
+        if self.catalogue is not None:
+            groups = tuple(str(g) for g in self.catalogue)
+            check_group_codes(groups, "query catalogue")
+            object.__setattr__(self, "catalogue", None if groups == DRG_GROUPS else groups)
         if self.categories is not None:
             object.__setattr__(self, "categories", [str(c).strip() for c in self.categories])
         for name in ("lower", "upper", "epsilon"):
@@ -141,11 +148,12 @@ class QuerySpec:
             if len(set(self.categories)) != len(self.categories):
                 # A repeated category would count each of its records twice: sensitivity √2, not 1.
                 raise ValueError("categories must be unique")
-            undeclared = [c for c in self.categories if c not in DRG_GROUPS]
+            known = self.catalogue or DRG_GROUPS
+            undeclared = [c for c in self.categories if c not in known]
             if undeclared:
                 # Only the public catalogue: a made-up bin is an empty answer the node pays for.
                 raise ValueError(f"categories {', '.join(undeclared)} are not in the public catalogue "
-                                 f"({', '.join(DRG_GROUPS)})")
+                                 f"({', '.join(known)})")
         elif self.categories is not None:
             raise ValueError("categories are only meaningful with group_by")
         for name in ("start", "end"):
@@ -212,6 +220,8 @@ class QuerySpec:
             out["upper"] = float(self.upper)
         if self.categories is not None:
             out["categories"] = json.dumps(list(self.categories))
+        if self.catalogue is not None:
+            out["catalogue"] = json.dumps(list(self.catalogue))
         return out
 
     @classmethod
@@ -233,7 +243,9 @@ class QuerySpec:
                 raise ValueError("categories must be a JSON list of strings") from None
             if not isinstance(categories, list) or not all(isinstance(c, str) for c in categories):
                 raise ValueError("categories must be a JSON list of strings")
+        catalogue = _json_list(cfg["catalogue"], "catalogue") if "catalogue" in cfg else None
         return cls(
+            catalogue=None if catalogue is None else tuple(catalogue),
             statistic=str(cfg["statistic"]),
             column=cfg.get("column"),
             lower=cfg.get("lower"),
@@ -253,7 +265,8 @@ class QuerySpec:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "QuerySpec":
-        allowed = {"statistic", "column", "lower", "upper", "group_by", "categories", "start", "end", "epsilon"}
+        allowed = {"statistic", "column", "lower", "upper", "group_by", "categories", "start", "end", "epsilon",
+                   "catalogue"}
         data = {k.replace("-", "_"): v for k, v in dict(data).items()}
         unknown = set(data) - allowed
         if unknown:
@@ -266,15 +279,28 @@ class QuerySpec:
         return cls(**data)
 
     @classmethod
-    def from_json(cls, text: str) -> "QuerySpec":
-        """A spec from JSON text: an object with the dataclass field names (group_by or group-by)."""
+    def from_json(cls, text: str, catalogue: Sequence[str] | None = None) -> "QuerySpec":
+        """A spec from JSON text: an object with the dataclass field names (group_by or group-by).
+        ``catalogue`` (the run's groups) applies unless the text declares its own."""
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise ValueError(f"query spec is not valid JSON ({exc.msg} at line {exc.lineno})") from None
         if not isinstance(data, dict):
             raise ValueError("query spec must be a JSON object")
+        if catalogue is not None and "catalogue" not in data:
+            data["catalogue"] = list(catalogue)
         return cls.from_dict(data)
+
+
+def _json_list(raw: Any, name: str) -> list[str]:
+    try:
+        value = json.loads(raw) if isinstance(raw, str) else list(raw)
+    except (json.JSONDecodeError, TypeError):
+        raise ValueError(f"{name} must be a JSON list of strings") from None
+    if not isinstance(value, list) or not all(isinstance(c, str) for c in value):
+        raise ValueError(f"{name} must be a JSON list of strings")
+    return value
 
 
 def sensitivity(spec: QuerySpec) -> float:
@@ -416,7 +442,13 @@ def combine(
         std = np.full(k, s)
         return Estimate(labels, total, std, total - z * std, total + z * std, level,
                         f"{level:.0%} Gaussian interval (exact)")
+    return _combine_mean(spec, total, s, level, mean_interval)
+
+
+def _combine_mean(spec: QuerySpec, total: np.ndarray, s: float, level: float, mean_interval: str) -> Estimate:
+    """The mean's estimate and interval from the summed noisy (Â, Ĉ) (see `combine`)."""
     assert spec.lower is not None and spec.upper is not None
+    labels, k, alpha = spec.labels, spec.n_bins, 1.0 - level
     c, h = spec.centre, spec.half_width
     a_hat, n_hat = total[:k], total[k:]
     z = NormalDist().inv_cdf(1 - alpha / 4)  # two intervals at 1 - α/2 each

@@ -23,7 +23,7 @@ import csv
 import gzip
 import io
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -316,30 +316,49 @@ def validate_records(df: pd.DataFrame, file: str) -> list[Problem]:
         problems.append(Problem(file, None, None, "empty file (no data rows)"))
         return problems
 
-    rows = _row_numbers(df)
-    # (row, column order, message) tuples are sorted at the end so the listing reads top-down.
-    cells: list[tuple[int, int, str, str]] = []
+    cells = _Cells(_row_numbers(df))
+    _check_required(df, cells)
+    _check_numeric(df, cells)
+    _check_encounter_ids(df, cells)
+    problems.extend(Problem(file, row, column, message) for row, column, message in cells.sorted())
+    return problems
+
+
+class _Cells:
+    """Cell problems as (row, column, message), listed top-down and left to right at the end."""
+
     order = {c: i for i, c in enumerate((*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS))}
 
-    def add(mask: np.ndarray, column: str, message_for) -> None:
-        for pos in np.flatnonzero(mask):
-            cells.append((int(rows[pos]), order[column], column, message_for(pos)))
+    def __init__(self, rows: np.ndarray) -> None:
+        self.rows = rows
+        self.items: list[tuple[int, int, str, str]] = []
 
+    def add(self, mask: np.ndarray, column: str, message_for: Callable[[int], str]) -> None:
+        for pos in np.flatnonzero(mask):
+            self.items.append((int(self.rows[pos]), self.order[column], column, message_for(pos)))
+
+    def sorted(self) -> list[tuple[int, str, str]]:
+        return [(row, column, message) for row, _, column, message in sorted(self.items, key=lambda c: (c[0], c[1]))]
+
+
+def _check_required(df: pd.DataFrame, cells: _Cells) -> None:
     for column in REQUIRED_COLUMNS:
         if column not in df.columns:
             continue
         col = df[column]
         missing = _missing(col)
-        add(missing, column, lambda pos: "missing value")
+        cells.add(missing, column, lambda pos: "missing value")
         if column == "admit_date":
             parsed = _parse_dates_unbounded(col)
             values = col.to_numpy()
             unparsable = parsed.isna().to_numpy() & ~missing
-            add(unparsable, column, lambda pos: f"unparsable date {_cell(values[pos])} (expected YYYY-MM-DD)")
+            cells.add(unparsable, column, lambda pos: f"unparsable date {_cell(values[pos])} (expected YYYY-MM-DD)")
             out_of_range = parsed.notna().to_numpy() & ~_in_date_range(parsed).to_numpy()
             lo, hi = (d.year for d in DATE_RANGE)
-            add(out_of_range, column, lambda pos: f"date outside {lo}-{hi} ({_cell(values[pos])})")
+            cells.add(out_of_range, column, lambda pos: f"date outside {lo}-{hi} ({_cell(values[pos])})")
 
+
+def _check_numeric(df: pd.DataFrame, cells: _Cells) -> None:
     for column in NUMERIC_COLUMNS:
         if column not in df.columns:
             continue
@@ -348,38 +367,36 @@ def validate_records(df: pd.DataFrame, file: str) -> list[Problem]:
         missing = _missing(col)
         num = _numeric(col).to_numpy()
         non_numeric = np.isnan(num) & ~missing
-        add(non_numeric, column, lambda pos: f"non-numeric value {_cell(values[pos])}")
+        cells.add(non_numeric, column, lambda pos: f"non-numeric value {_cell(values[pos])}")
         finite = np.isfinite(num)
-        add(~finite & ~np.isnan(num), column, lambda pos: f"non-finite value {_cell(values[pos])}")
+        cells.add(~finite & ~np.isnan(num), column, lambda pos: f"non-finite value {_cell(values[pos])}")
         with np.errstate(invalid="ignore"):
             if column == "age":
                 lo, hi = AGE_RANGE
                 out = finite & ((num < lo) | (num > hi))
-                add(out, column, lambda pos: f"age outside {lo:g}-{hi:g} ({num[pos]:g})")
+                cells.add(out, column, lambda pos: f"age outside {lo:g}-{hi:g} ({num[pos]:g})")
             else:
-                add(finite & (num < 0), column, lambda pos: f"negative value ({num[pos]:g})")
+                cells.add(finite & (num < 0), column, lambda pos: f"negative value ({num[pos]:g})")
 
-    if "encounter_id" in df.columns:
-        col = df["encounter_id"]
-        present = ~_missing(col)
-        ids = col.astype("str").str.strip()
-        dup = ids.duplicated(keep="first").to_numpy() & present
-        if dup.any():
-            first_pos = pd.Series(np.arange(len(ids)))[present].groupby(ids.to_numpy()[present]).first()
-            id_values = ids.to_numpy()
-            add(
-                dup,
-                "encounter_id",
-                lambda pos: f"duplicate value {_cell(id_values[pos])} (first at row {rows[first_pos[id_values[pos]]]})",
-            )
 
-    cells.sort(key=lambda c: (c[0], c[1]))
-    problems.extend(Problem(file, row, column, message) for row, _, column, message in cells)
-    return problems
+def _check_encounter_ids(df: pd.DataFrame, cells: _Cells) -> None:
+    if "encounter_id" not in df.columns:
+        return
+    col = df["encounter_id"]
+    present = ~_missing(col)
+    ids = col.astype("str").str.strip()
+    dup = ids.duplicated(keep="first").to_numpy() & present
+    if dup.any():
+        first_pos = pd.Series(np.arange(len(ids)))[present].groupby(ids.to_numpy()[present]).first()
+        id_values = ids.to_numpy()
+        rows = cells.rows
+        cells.add(dup, "encounter_id",
+                  lambda pos: f"duplicate value {_cell(id_values[pos])} (first at row {rows[first_pos[id_values[pos]]]})")
 
 
 # What a node does with a record whose group is outside the catalogue: core.series.demand_series
-# (called with groups=DRG_GROUPS by client.node) keeps only catalogue groups.
+# (called with the run's catalogue groups by client.node) keeps only catalogue groups, and the
+# node counts the dropped records in its own log (client/node.py note_outside_catalogue).
 OUT_OF_CATALOGUE_FATE = "the node drops its {n} from its demand series (no training, no D_i)"
 
 
@@ -387,7 +404,8 @@ def _group_key(name: str) -> str:
     return "_".join(name.lower().replace("-", " ").split())
 
 
-def catalogue_warnings(df: pd.DataFrame, file: str, groups: Iterable[str] = DRG_GROUPS) -> list[Problem]:
+def catalogue_warnings(df: pd.DataFrame, file: str, groups: Iterable[str] = DRG_GROUPS,
+                       name: str = "DRG catalogue") -> list[Problem]:
     """One warning per ``drg_group`` value outside ``groups``, at the row of its first record and
     with the number of records that carry it.
 
@@ -408,12 +426,12 @@ def catalogue_warnings(df: pd.DataFrame, file: str, groups: Iterable[str] = DRG_
     by_key = {_group_key(g): g for g in known}
     names, first, counts = np.unique(values[outside], return_index=True, return_counts=True)
     out = []
-    for name, pos, n in sorted(zip(names, first, counts), key=lambda t: t[1]):
-        guess = by_key.get(_group_key(str(name)))
+    for value, pos, n in sorted(zip(names, first, counts), key=lambda t: t[1]):
+        guess = by_key.get(_group_key(str(value)))
         hint = f"; did you mean {guess!r}?" if guess else ""  # last: a long line loses the hint first
         out.append(Problem(
             file, int(rows[np.flatnonzero(outside)[pos]]), "drg_group",
-            f"{_cell(name)} is not in the DRG catalogue: "
+            f"{_cell(value)} is not in the {name}: "
             + OUT_OF_CATALOGUE_FATE.format(n=f"{n} record{'s' if n != 1 else ''}") + hint,
             level="warning",
         ))

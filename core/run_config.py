@@ -19,11 +19,15 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
+from core.drg import Catalogue, catalogue_for
+
 PERIODS = ("week", "day")
 MEASURES = ("admissions", "bed_days")
 STRATEGIES = ("fedavg", "fedtrimmedavg", "krum")
 MAX_ROUNDS = 1000
 MAX_WEIGHT_BOUND = 1e4
+# allocate-on: the mean D_i or a released bound (q10 = demand-lo, q90 = demand-hi).
+ALLOCATE_ON = ("mean", "q10", "q90")
 
 DEFAULTS: dict[str, Any] = {
     "num-server-rounds": 5,
@@ -55,6 +59,9 @@ DEFAULTS: dict[str, Any] = {
     "fraction-train": 1.0,
     "total": 1000.0,
     "policy": "seed",
+    # What `policy` allocates on: the mean D_i, or a bound of its released 80 % interval
+    # (q10 = lo, q90 = hi; forecasting/intervals.py). Fairness is still measured against the mean.
+    "allocate-on": "mean",
     "integer": False,
     "resources-file": "",
     "results-dir": "results",
@@ -67,17 +74,23 @@ DEFAULTS: dict[str, Any] = {
     # Simulation only (`flwr run .` without per-node --node-config): where virtual node i finds
     # hospital_{i:03d}.csv; empty means "generate synthetic hospital i on the fly".
     "sim-data-dir": "",
+    # The public group catalogue, a CSV of `group,weight` (core/drg.py); empty = the built-in 12.
+    "groups-file": "",
+    # The catalogue's group codes in order, comma-separated: filled in from groups-file by the
+    # coordinator and sent to nodes (series columns, model rows, reply keys); set by hand it must
+    # match groups-file. Empty = the built-in 12.
+    "groups": "",
 }
 
 
 # What a node's noise pays for; a run's later requests must match the plan recorded at its first.
 PLAN_KEYS: tuple[str, ...] = (
     "num-server-rounds", "local-epochs", "batch-size", "lr", "clip-norm", "weight-bound", "epsilon", "release-share",
-    "release-blocks", "lags", "horizon", "stride", "period", "measure", "los-cap", "start", "cutoff")
+    "release-blocks", "lags", "horizon", "stride", "period", "measure", "los-cap", "start", "cutoff", "groups")
 # Coordinator-only: never sent to a node (a node needs none of them, and paths stay local).
 COORDINATOR_KEYS: tuple[str, ...] = (
-    "strategy", "trim-beta", "krum-byzantine", "min-nodes", "fraction-train", "total", "policy", "integer",
-    "resources-file", "results-dir", "seed", "pretrain-hospitals", "round-timeout", "sim-data-dir")
+    "strategy", "trim-beta", "krum-byzantine", "min-nodes", "fraction-train", "total", "policy", "allocate-on",
+    "integer", "resources-file", "results-dir", "seed", "pretrain-hospitals", "round-timeout", "sim-data-dir", "groups-file")
 
 
 @dataclass(frozen=True)
@@ -106,6 +119,7 @@ class RunSettings:
     fraction_train: float
     total: float
     policy: str
+    allocate_on: str
     integer: bool
     resources_file: str
     results_dir: str
@@ -114,6 +128,8 @@ class RunSettings:
     pretrain_hospitals: int
     round_timeout: float
     sim_data_dir: str
+    groups_file: str
+    groups: str
 
     @classmethod
     def from_mapping(cls, *layers: Mapping[str, Any]) -> "RunSettings":
@@ -126,6 +142,12 @@ class RunSettings:
                         continue
                     raise ValueError(f"unknown run-config key {key!r}; known: {', '.join(DEFAULTS)}")
                 merged[key] = value
+        if merged["groups-file"] and not merged["groups"]:
+            # Nodes never see the coordinator's path, only the list (docs/DESIGN.md "Group catalogue").
+            try:
+                merged["groups"] = ",".join(catalogue_for(str(merged["groups-file"])).groups)
+            except ValueError as exc:
+                raise ValueError(f"run-config groups-file/groups: {exc}") from None
         kwargs = {}
         for f in fields(cls):
             key = f.name.replace("_", "-")
@@ -153,15 +175,32 @@ class RunSettings:
     def window_stride(self) -> int:
         return self.stride or (self.lags + self.horizon)
 
+    @property
+    def catalogue(self) -> Catalogue:
+        """The run's public group catalogue (groups-file, else the groups list, else the built-in 12)."""
+        return catalogue_for(self.groups_file, self.groups)
+
+    @property
+    def group_list(self) -> tuple[str, ...]:
+        """The catalogue's groups in order: series columns, model rows, `demand-<group>` keys."""
+        return self.catalogue.groups
+
     def check(self) -> None:
         """Every value checked before anything is sent or spent: one line naming key and allowed values."""
         from core.allocation import POLICIES
         from core.series import n_windows, period_grid
 
+        try:
+            self.catalogue  # noqa: B018  (loads and checks groups-file / groups)
+        except ValueError as exc:
+            raise ValueError(f"run-config groups-file/groups: {exc}") from None
         _one_of("period", self.period, PERIODS)
         _one_of("measure", self.measure, MEASURES)
         _one_of("strategy", self.strategy, STRATEGIES)
         _one_of("policy", self.policy, POLICIES)
+        _one_of("allocate-on", self.allocate_on, ALLOCATE_ON)
+        if self.allocate_on != "mean" and self.policy == "drg_budget":
+            raise ValueError("run-config allocate-on must be 'mean' for policy drg_budget (it pays group demand)")
         if self.pretrain_hospitals < 0:
             raise ValueError(f"run-config pretrain-hospitals must be ≥ 0, got {self.pretrain_hospitals}")
         for name in ("num_server_rounds", "local_epochs", "batch_size", "lags", "horizon", "min_nodes"):
@@ -185,7 +224,7 @@ class RunSettings:
             raise ValueError(f"run-config krum-byzantine must be ≥ 0, got {self.krum_byzantine}")
         if self.stride and self.stride < self.lags + self.horizon:
             # Overlapping windows put one record in several examples; the ledger charges DP-SGD
-            # per example, so the per-record ε would be under-reported (docs/DESIGN.md "Training").
+            # per example, so the per-record ε would be under-reported (docs/DESIGN.md "Privacy unit").
             raise ValueError(
                 f"run-config stride {self.stride} < lags+horizon = {self.lags + self.horizon}: overlapping windows "
                 "need group-privacy accounting, which fedalloc does not do; use disjoint windows (stride 0)")

@@ -1,6 +1,6 @@
 """Demand series (period × DRG group) and the training windows cut from them.
 
-Privacy shape of everything here (see DESIGN.md, "Privacy semantics"):
+Privacy shape of everything here (see docs/DESIGN.md, "Privacy unit"):
 
 * The period grid comes from configuration (``start``/``end``), never from the data, so the
   series' shape and the number of windows are public.

@@ -218,6 +218,29 @@ def generate_hospital_records(cfg: SyntheticConfig, hospital_index: int) -> pd.D
     cost = cfg.base_cost * weight * (0.6 + 0.4 * los / mean_los) * rng.gamma(8.0, 1 / 8.0, n)
     cost = np.round(cost, 2)
 
+    patient, age = _patients(groups, g, day, rng)
+
+    start = pd.Timestamp(cfg.start).normalize()
+    prefix = f"H{hospital_index:03d}"
+    df = pd.DataFrame(
+        {
+            "encounter_id": _ids(f"{prefix}-E", np.arange(1, n + 1)),
+            "patient_id": _ids(f"{prefix}-P", patient),
+            "admit_date": (np.datetime64(start, "D") + day.astype("timedelta64[D]")).astype("datetime64[ns]"),
+            "drg_group": np.array(groups, dtype=object)[g],
+            "length_of_stay": los,
+            "cost": cost,
+            "age": age,
+        },
+        columns=list(RECORD_COLUMNS),
+    )
+    df["drg_group"] = df["drg_group"].astype("str")
+    return df
+
+
+def _patients(groups: list[str], g: np.ndarray, day: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(patient number, age) per encounter; draws from `rng` in a fixed order (determinism)."""
+    n = len(g)
     # Repeat patients: each group draws from its own pool, smaller than its encounter count, so
     # chronic groups (oncology, renal) readmit often. Ages are per patient and grow with time.
     patient = np.empty(n, dtype=np.int64)
@@ -242,22 +265,7 @@ def generate_hospital_records(cfg: SyntheticConfig, hospital_index: int) -> pd.D
     age = np.where(is_neonatal, 0, np.floor(base_age + day / 365.25))
     age = np.clip(age, 0, 120).astype(np.int64)
 
-    start = pd.Timestamp(cfg.start).normalize()
-    prefix = f"H{hospital_index:03d}"
-    df = pd.DataFrame(
-        {
-            "encounter_id": _ids(f"{prefix}-E", np.arange(1, n + 1)),
-            "patient_id": _ids(f"{prefix}-P", patient),
-            "admit_date": (np.datetime64(start, "D") + day.astype("timedelta64[D]")).astype("datetime64[ns]"),
-            "drg_group": np.array(groups, dtype=object)[g],
-            "length_of_stay": los,
-            "cost": cost,
-            "age": age,
-        },
-        columns=list(RECORD_COLUMNS),
-    )
-    df["drg_group"] = df["drg_group"].astype("str")
-    return df
+    return patient, age
 
 
 def _ids(prefix: str, numbers: np.ndarray) -> np.ndarray:
@@ -301,6 +309,7 @@ def generate(
     fmt: str = "csv",
     *,
     on_hospital: Callable[[int], None] | None = None,
+    on_records: Callable[[int, pd.DataFrame], None] | None = None,
 ) -> pd.DataFrame:
     """Write ``hospital_000.<fmt>`` … and ``hospitals.csv`` into ``out_dir``; return the latter.
 
@@ -308,6 +317,8 @@ def generate(
     (R_i for the allocation core, here equal to beds), ``size_factor`` (expected mean weekly
     admissions / 100) and ``beds`` (expected occupancy at 85 % × lognormal noise).
     ``on_hospital(i)`` is called after each hospital's file is written (progress reporting).
+    ``on_records(i, records)`` sees each hospital's records as written (a simulation driver takes
+    the true demand from them instead of parsing every file again).
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; expected one of {sorted(FORMATS)}")
@@ -319,6 +330,8 @@ def generate(
     for i in range(cfg.hospitals):
         records = generate_hospital_records(cfg, i)
         write_records(records, out / f"{hospital_name(i)}{FORMATS[fmt]}")
+        if on_records is not None:
+            on_records(i, records)
         p = hospital_params(cfg, i)
         rows.append(
             {

@@ -15,7 +15,7 @@ from typer.core import TyperGroup
 
 from fedalloc.commands_allocate import allocate_command
 from fedalloc.commands_audit import audit_command
-from fedalloc.commands_data import generate_command, validate_command
+from fedalloc.commands_data import data_app, generate_command, validate_command
 from fedalloc.commands_query import query_command
 from fedalloc.commands_sim import ledger_app, simulate_command
 from fedalloc.commands_sweep import sweep_command
@@ -50,6 +50,7 @@ app.command("query")(query_command)
 app.command("sweep")(sweep_command)
 app.command("audit")(audit_command)
 app.add_typer(ledger_app, name="ledger")
+app.add_typer(data_app, name="data")
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ from rich.text import Text
 
 from core.allocation import POLICIES, allocate
 from core.allocation_io import DemandFileError, DemandTable, read_demand_csv, write_allocation_csv
-from core.drg import RELATIVE_WEIGHTS
+from core.drg import Catalogue, default_catalogue, load_catalogue
 from core.numeric_checks import as_scalar
 
 Policy = Enum("Policy", {name: name for name in POLICIES}, type=str)  # type: ignore[misc]
@@ -86,6 +86,16 @@ def _print_table(console: Console, table: pd.DataFrame, show: int) -> None:
         console.print(f"… {hidden:,} more rows (--show 0 prints all; --out writes the CSV)")
 
 
+def _catalogue_option(groups: Path | None, policy: str) -> Catalogue:
+    """The --groups catalogue whose weights price drg_budget (default: the built-in 12)."""
+    if groups is not None and policy != "drg_budget":
+        _fail(f"--groups only applies to --policy drg_budget, not {policy}")
+    try:
+        return load_catalogue(groups) if groups is not None else default_catalogue()
+    except ValueError as exc:
+        _fail(f"--groups {exc}")
+
+
 def allocate_command(
     demand_csv: Annotated[Path, typer.Argument(
         help="CSV with hospital,demand,resources [,cap,floor,demand_std,demand_<group>…]",
@@ -104,12 +114,53 @@ def allocate_command(
         "--budget", help="drg_budget: global payment cap.", show_default=False)] = None,
     base_rate: Annotated[float, typer.Option(
         "--base-rate", help="drg_budget: payment per unit of relative weight.")] = 1.0,
+    groups: Annotated[Path | None, typer.Option(
+        "--groups", help="drg_budget: the group catalogue (CSV group,weight; run-config groups-file) "
+        "whose weights price each demand_<group>. Default: the built-in 12 DRG groups.", show_default=False)] = None,
     out: Annotated[Path | None, typer.Option(
         "--out", help="Write the allocation table to this CSV.", show_default=False)] = None,
     show: Annotated[int, typer.Option("--show", help="Rows to print (0 = all).")] = 20,
 ) -> None:
     """Allocate a total across hospitals under a policy; print the table and fairness summary."""
     name = policy.value
+    _check_options(name, total, budget, base_rate, quantile, integer)
+    catalogue = _catalogue_option(groups, name)
+    try:
+        data = read_demand_csv(demand_csv, known_groups=catalogue.groups if name == "drg_budget" else None)
+    except DemandFileError as exc:
+        _fail_file(exc)
+    if quantile is not None and data.demand_std is None:
+        _fail(f"{data.path}: line 1: --quantile needs a demand_std column")
+    console = Console()
+    _note_ignored_columns(console, data, name)
+    amount = budget if name == "drg_budget" and budget is not None else total
+    kwargs: dict[str, Any] = {"integer": integer, "hospitals": data.hospital}
+    if name == "capped":
+        kwargs.update(caps=data.cap, floors=data.floor)
+    if quantile is not None:
+        kwargs.update(quantile=quantile, demand_std=data.demand_std)
+    if name == "drg_budget":
+        kwargs.update(group_demand=data.group_demand, base_rate=base_rate, relative_weights=catalogue.weights)
+    try:
+        result = allocate(data.demand, data.resources, amount, name, **kwargs)
+    except ValueError as exc:
+        _fail(_locate(exc, data))
+    if out is not None:
+        try:
+            write_allocation_csv(result.table, out)
+        except OSError as exc:
+            _fail(f"{out}: cannot write ({exc.strerror or exc})")
+    _print_table(console, result.table, show)
+    console.print(f"policy {name} · {len(data):,} hospitals · "
+                  f"Σ allocation {_fmt(result.table['allocation'].sum())} of {_fmt(float(amount))}", soft_wrap=True)
+    print_fairness(console, result.fairness, name)
+    if out is not None:
+        console.print(f"wrote {out}")
+
+
+def _check_options(name: str, total: float | None, budget: float | None, base_rate: float,
+                   quantile: float | None, integer: bool) -> None:
+    """Option errors are reported as such, before the file is read, so they never point at the file."""
     is_drg = name == "drg_budget"
     if total is None and not (is_drg and budget is not None):
         _fail(f"--total is required for policy {name}" + (" (or give --budget)" if is_drg else ""))
@@ -119,7 +170,6 @@ def allocate_command(
         _fail("--quantile does not apply to --policy drg_budget")
     if is_drg and None not in (total, budget) and total != budget:
         _fail(f"for drg_budget --total and --budget name the same amount; got {total} and {budget}")
-    # Option errors are reported as such, before the file is read, so they never point at the file.
     for flag, value, whole in (("--total", total, integer), ("--budget", budget, integer),
                                ("--base-rate", base_rate, False)):
         if value is not None:
@@ -130,14 +180,8 @@ def allocate_command(
     if quantile is not None and not 0.0 < quantile < 1.0:
         _fail(f"--quantile must be strictly between 0 and 1, got {quantile}")
 
-    try:
-        data = read_demand_csv(demand_csv, known_groups=tuple(RELATIVE_WEIGHTS) if is_drg else None)
-    except DemandFileError as exc:
-        _fail_file(exc)
-    if quantile is not None and data.demand_std is None:
-        _fail(f"{data.path}: line 1: --quantile needs a demand_std column")
 
-    console = Console()
+def _note_ignored_columns(console: Console, data: DemandTable, name: str) -> None:
     unused = [c for c, v in (("cap", data.cap), ("floor", data.floor)) if v is not None]
     if unused and name != "capped":
         console.print(f"note: column(s) {', '.join(unused)} only apply to --policy capped; ignored")
@@ -146,36 +190,19 @@ def allocate_command(
         console.print("note: no cap column; capped = proportional"
                       + (" above the floors" if data.floor is not None else ""))
 
-    amount = budget if is_drg and budget is not None else total
-    kwargs: dict[str, Any] = {"integer": integer, "hospitals": data.hospital}
-    if name == "capped":
-        kwargs.update(caps=data.cap, floors=data.floor)
-    if quantile is not None:
-        kwargs.update(quantile=quantile, demand_std=data.demand_std)
-    if is_drg:
-        kwargs.update(group_demand=data.group_demand, base_rate=base_rate)
-    try:
-        result = allocate(data.demand, data.resources, amount, name, **kwargs)
-    except ValueError as exc:
-        _fail(_locate(exc, data))
 
-    if out is not None:
-        try:
-            write_allocation_csv(result.table, out)
-        except OSError as exc:
-            _fail(f"{out}: cannot write ({exc.strerror or exc})")
-
-    _print_table(console, result.table, show)
-    f = result.fairness
+def print_fairness(console: Console, f: dict[str, float], policy: str) -> None:
+    """The fairness summary in planner terms: against a demand-proportional split, in units."""
     console.print(
-        f"policy {name} · {len(data):,} hospitals · "
-        f"Σ allocation {_fmt(result.table['allocation'].sum())} of {_fmt(float(amount))}",
+        f"fairness vs a demand-proportional split: {100 * f['misallocated_share']:.1f} % of the total "
+        f"goes elsewhere · largest share gap {100 * f['max_share_gap']:.1f} points · worst-served "
+        f"hospital gets {100 * f['min_coverage']:.0f} % of its demand share "
+        f"(max relative shortfall {f['max_relative_shortfall']:.4f})",
         soft_wrap=True,
     )
+    # Gini/Jain rate the policy, not the forecast: under seed coverage ∝ R_i (core/fairness.py).
     console.print(
-        f"fairness (coverage A/D): gini {f['gini']:.4f} · jain {f['jain']:.4f} · "
-        f"max relative shortfall {f['max_relative_shortfall']:.4f}",
+        f"coverage inequality A/D: gini {f['gini']:.4f} · jain {f['jain']:.4f}"
+        + (" (seed policy: set by resources R_i alone)" if policy == "seed" else ""),
         soft_wrap=True,
     )
-    if out is not None:
-        console.print(f"wrote {out}")

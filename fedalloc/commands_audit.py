@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -36,7 +37,8 @@ def audit_command(
 ) -> None:
     """Privacy audit of the node's DP-SGD (exit 1 if the claimed ε is refuted, 3 if the control run
     was not refuted), then the membership-inference sanity plot."""
-    from simulations.privacy_audit import PrivacyAuditConfig, html_section, run_privacy_audit, write_privacy_audit
+    from simulations.privacy_audit import (PrivacyAuditConfig, audit_page, html_section, run_privacy_audit,
+                                           write_privacy_audit)
     from simulations.sweep import parse_epsilons
 
     try:
@@ -58,8 +60,29 @@ def audit_command(
         pdf = run_privacy_audit(pcfg, seed=seed, control_scale=control_scale or None,
                                 on_step=lambda msg: status.update(f"privacy audit — {msg}"))
     ppaths = write_privacy_audit(pdf, out)
-    table = Table(title=f"Privacy audit (record level): ε lower bound at {1 - beta:.0%} confidence vs claimed "
-                        f"ε = {claimed_epsilon:g}, δ = {delta:g}; max = largest bound {canaries} canaries can show")
+    _print_privacy_audit(pdf, pcfg, control_scale)
+    honest = pdf.iloc[0]
+    control = pdf.iloc[1] if len(pdf) > 1 else None
+    sections = [html_section(pdf, ppaths["png"])]
+    mia_ok = True
+    if mia:
+        section, mia_ok = _mia_sanity_plot(grid, seeds, out, hospitals=hospitals, epochs=epochs, hidden=hidden,
+                                           shadows=shadows, delta=delta)
+        sections.append(section)
+    page = out / "audit.html"
+    page.write_text(audit_page(sections), encoding="utf-8")
+    console.print(f"results in [bold]{out}[/bold] (audit.html, privacy_audit.csv, privacy_audit.png"
+                  + (", audit.csv, audit_summary.csv, audit.png" if mia else "") + ")")
+    if honest.flagged or not mia_ok:
+        raise typer.Exit(EXIT_REFUTED)
+    if control is not None and not control.flagged:
+        raise typer.Exit(EXIT_INCONCLUSIVE)
+
+
+def _print_privacy_audit(pdf: Any, pcfg: Any, control_scale: float) -> None:
+    table = Table(title=f"Privacy audit (record level): ε lower bound at {1 - pcfg.beta:.0%} confidence vs claimed "
+                        f"ε = {pcfg.claimed_epsilon:g}, δ = {pcfg.delta:g}; max = largest bound {pcfg.canaries} "
+                        "canaries can show")
     for col in ("run", "σ used", "σ charged", "true ε", "right/guesses", "ε ≥", "max", "verdict"):
         table.add_column(col, justify="left" if col == "run" else "right")
     for r in pdf.itertuples(index=False):
@@ -72,43 +95,31 @@ def audit_command(
                       f"guesses right; at most {r.max_possible_bound:.2f} possible with {r.canaries} canaries) vs claimed "
                       f"ε = {r.claimed_epsilon:g}: {'REFUTED' if r.flagged else 'not refuted'} ({r.seconds:.0f} s)",
                       soft_wrap=True)
-    honest = pdf.iloc[0]
-    control = pdf.iloc[1] if len(pdf) > 1 else None
-    if control is not None and not control.flagged:
-        console.print(f"[yellow]the control run (σ × {control_scale:g}) was not refuted: at {canaries} canaries this "
-                      f"audit cannot refute ε = {claimed_epsilon:g} (largest possible bound "
-                      f"{honest.max_possible_bound:.2f}); the honest result is inconclusive[/yellow]")
+    if len(pdf) > 1 and not pdf.iloc[1].flagged:
+        console.print(f"[yellow]the control run (σ × {control_scale:g}) was not refuted: at {pcfg.canaries} canaries this "
+                      f"audit cannot refute ε = {pcfg.claimed_epsilon:g} (largest possible bound "
+                      f"{pdf.iloc[0].max_possible_bound:.2f}); the honest result is inconclusive[/yellow]")
 
-    sections = [html_section(pdf, ppaths["png"])]
-    mia_ok = True
-    if mia:
-        from simulations.mia import AuditConfig, run_audit, summary, write_audit
 
-        cfg = AuditConfig(hospitals=hospitals, epochs=epochs, hidden=hidden, shadows=shadows, delta=delta)
-        with console.status("sanity plot: membership inference") as status:
-            df = run_audit(grid, seeds, cfg, on_step=lambda msg: status.update(f"sanity plot — {msg}"), keep_scores=True)
-        paths = write_audit(df, out)
-        mt = Table(title=f"Sanity plot, not an audit: example-level membership inference vs (ε, δ={delta:g}) bound, "
-                         f"{df.seed.nunique()} seed(s)")
-        for col in ("attack", "ε", "AUC mean", "AUC max", "AUC bound", "adv.", "adv. bound", "ε lower bound", "σ", "ok"):
-            mt.add_column(col, justify="left" if col == "attack" else "right", no_wrap=col == "attack")
-        for r in summary(df).itertuples(index=False):
-            mt.add_row(r.attack, "∞" if math.isinf(r.eps) else f"{r.eps:g}", f"{r.auc_mean:.3f}", f"{r.auc_max:.3f}",
-                       f"{r.auc_bound:.3f}", f"{r.advantage_mean:.3f}", f"{r.advantage_bound:.3f}",
-                       f"{r.eps_lower_bound_max:.2f}", "—" if r.sigma != r.sigma else f"{r.sigma:.2f}",
-                       "[green]yes[/green]" if r.all_within_bound else "[red]NO[/red]")
-        console.print(mt)
-        console.print("[dim]The sanity plot attacks examples of a centrally trained MLP; with ~100 evaluation points its "
-                      "ε lower bound cannot exceed ≈ 3, so it cannot refute a claim. The privacy audit above is the audit.[/dim]")
-        sections.append(paths["html"].read_text(encoding="utf-8"))
-        mia_ok = bool(df.within_bound.all())
+def _mia_sanity_plot(grid: list[float], seeds: int, out: Path, **config: Any) -> tuple[str, bool]:
+    """(HTML section, every attack within its bound) of the membership-inference sanity plot."""
+    from simulations.mia import AuditConfig, run_audit, summary, write_audit
+    from simulations.mia import html_section as mia_section
 
-    page = out / "audit.html"
-    page.write_text("<!doctype html>\n<meta charset=\"utf-8\">\n<title>fedalloc privacy audit</title>\n"
-                    + "\n".join(sections), encoding="utf-8")
-    console.print(f"results in [bold]{out}[/bold] (audit.html, privacy_audit.csv, privacy_audit.png"
-                  + (", audit.csv, audit_summary.csv, audit.png" if mia else "") + ")")
-    if honest.flagged or not mia_ok:
-        raise typer.Exit(EXIT_REFUTED)
-    if control is not None and not control.flagged:
-        raise typer.Exit(EXIT_INCONCLUSIVE)
+    cfg = AuditConfig(**config)
+    with console.status("sanity plot: membership inference") as status:
+        df = run_audit(grid, seeds, cfg, on_step=lambda msg: status.update(f"sanity plot — {msg}"), keep_scores=True)
+    paths = write_audit(df, out)
+    mt = Table(title=f"Sanity plot, not an audit: example-level membership inference vs (ε, δ={cfg.delta:g}) bound, "
+                     f"{df.seed.nunique()} seed(s)")
+    for col in ("attack", "ε", "AUC mean", "AUC max", "AUC bound", "adv.", "adv. bound", "ε lower bound", "σ", "ok"):
+        mt.add_column(col, justify="left" if col == "attack" else "right", no_wrap=col == "attack")
+    for r in summary(df).itertuples(index=False):
+        mt.add_row(r.attack, "∞" if math.isinf(r.eps) else f"{r.eps:g}", f"{r.auc_mean:.3f}", f"{r.auc_max:.3f}",
+                   f"{r.auc_bound:.3f}", f"{r.advantage_mean:.3f}", f"{r.advantage_bound:.3f}",
+                   f"{r.eps_lower_bound_max:.2f}", "—" if r.sigma != r.sigma else f"{r.sigma:.2f}",
+                   "[green]yes[/green]" if r.all_within_bound else "[red]NO[/red]")
+    console.print(mt)
+    console.print("[dim]The sanity plot attacks examples of a centrally trained MLP; with ~100 evaluation points its "
+                  "ε lower bound cannot exceed ≈ 3, so it cannot refute a claim. The privacy audit above is the audit.[/dim]")
+    return mia_section(df, paths["png"]), bool(df.within_bound.all())

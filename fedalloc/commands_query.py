@@ -13,11 +13,14 @@ import math
 import tempfile
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from core.queries import QuerySpec
 
 EXIT_BAD_INPUT = 2
 EXIT_NO_ANSWER = 1
@@ -90,52 +93,93 @@ def query_command(
     years: Annotated[int, typer.Option("--years", min=1, help="Synthetic years of data (no --data).")] = 3,
     seed: Annotated[int, typer.Option("--seed", help="Synthetic data seed (no --data).")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    run_config: Annotated[str | None, typer.Option(
+        "--run-config", help="Run-config keys as for `flwr run --run-config`; a query uses "
+        "groups-file (the public group catalogue its categories come from) and groups.",
+        show_default=False)] = None,
 ) -> None:
     """Run one differentially private query (count, bounded sum or mean, optionally by category)."""
-    from core.queries import QuerySpec
-
+    groups = _query_catalogue(run_config)
     given = {"--column": column, "--lower": lower, "--upper": upper, "--group-by": group_by,
              "--categories": categories, "--start": start, "--end": end, "--epsilon": epsilon}
+    spec = _query_spec(statistic, given, spec_file, groups)
+    if not 0 < level < 1:
+        _fail(f"--level must be between 0 and 1, got {level}")
+
+    with tempfile.TemporaryDirectory(prefix="fedalloc-query-") as tmp:
+        synthetic = data is None
+        data, files = _records(data, pattern, Path(tmp), (hospitals, years, seed, groups))
+        ledger_dir = ledgers if ledgers is not None else data / "ledgers"
+        result = _run(spec, files, ledger_dir, budget, delta, level, mean_interval.value, synthetic=synthetic)
+
+    _emit(result, len(files), as_json)
+    if result.n_answered == 0:
+        raise typer.Exit(code=EXIT_NO_ANSWER)
+
+
+def _emit(result: Any, n_files: int, as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=1))
+    else:
+        _print(result, n_files)
+
+
+def _records(data: Path | None, pattern: str, tmp: Path, synthetic: tuple) -> tuple[Path, list[Path]]:
+    """(records folder, node files): `data`, or synthetic hospitals generated into `tmp`."""
+    if data is None:
+        from core.synthetic import SyntheticConfig, generate
+
+        hospitals, years, seed, groups = synthetic
+        data = tmp
+        generate(SyntheticConfig(hospitals=hospitals, years=years, seed=seed, groups=groups), data)
+    elif not data.is_dir():
+        _fail(f"{data}: not a directory")
+    files = node_files(data, pattern)
+    if not files:
+        _fail(f"{data}: no records files matching {pattern!r}")
+    return data, files
+
+
+def _query_spec(statistic: Statistic, given: dict, spec_file: Path | None, groups: tuple[str, ...]) -> "QuerySpec":
+    """The query from --spec or from the options in `given` (keyed by flag); bad input exits 2."""
+    from core.queries import QuerySpec
+
     try:
         if spec_file is not None:
             clash = [k for k, v in given.items() if v is not None]
             if clash or statistic is not Statistic.count:
                 _fail(f"--spec replaces the query options; drop {', '.join(clash) or '--statistic'}")
             try:
-                spec = QuerySpec.from_json(spec_file.read_text())
+                return QuerySpec.from_json(spec_file.read_text(), catalogue=groups)
             except OSError as exc:
                 _fail(f"{spec_file}: cannot read ({exc.strerror or exc})")
-        else:
-            if epsilon is None:
-                _fail("--epsilon is required (every query spends budget; there is no default)")
-            cats = [c for c in categories.split(",")] if categories is not None else None
-            spec = QuerySpec(statistic=statistic.value, column=column, lower=lower, upper=upper,
-                             group_by=group_by, categories=cats, start=start, end=end, epsilon=epsilon)
+        if given["--epsilon"] is None:
+            _fail("--epsilon is required (every query spends budget; there is no default)")
+        cats = given["--categories"].split(",") if given["--categories"] is not None else None
+        return QuerySpec(statistic=statistic.value, column=given["--column"], lower=given["--lower"],
+                         upper=given["--upper"], group_by=given["--group-by"], categories=cats,
+                         start=given["--start"], end=given["--end"], epsilon=given["--epsilon"], catalogue=groups)
     except ValueError as exc:
         _fail(f"invalid query: {exc}")
-    if not 0 < level < 1:
-        _fail(f"--level must be between 0 and 1, got {level}")
 
-    with tempfile.TemporaryDirectory(prefix="fedalloc-query-") as tmp:
-        if data is None:
-            from core.synthetic import SyntheticConfig, generate
 
-            data = Path(tmp)
-            generate(SyntheticConfig(hospitals=hospitals, years=years, seed=seed), data)
-        elif not data.is_dir():
-            _fail(f"{data}: not a directory")
-        files = node_files(data, pattern)
-        if not files:
-            _fail(f"{data}: no records files matching {pattern!r}")
-        ledger_dir = ledgers if ledgers is not None else data / "ledgers"
-        result = _run(spec, files, ledger_dir, budget, delta, level, mean_interval.value, synthetic=tmp is not None and data == Path(tmp))
+QUERY_RUN_CONFIG = ("groups-file", "groups")
 
-    if as_json:
-        typer.echo(json.dumps(result.to_dict(), indent=1))
-    else:
-        _print(result, len(files))
-    if result.n_answered == 0:
-        raise typer.Exit(code=EXIT_NO_ANSWER)
+
+def _query_catalogue(text: str | None) -> tuple[str, ...]:
+    """The run's catalogue groups from --run-config (the built-in 12 without it); other keys are
+    refused rather than silently ignored (a query has no rounds, model or allocation)."""
+    from core.run_config import RunSettings
+    from fedalloc.commands_sim import parse_run_config
+
+    overrides = parse_run_config(text)
+    other = sorted(set(overrides) - set(QUERY_RUN_CONFIG))
+    if other:
+        _fail(f"--run-config: fedalloc query uses only {', '.join(QUERY_RUN_CONFIG)}; drop {', '.join(other)}")
+    try:
+        return RunSettings.from_mapping(overrides).group_list
+    except ValueError as exc:
+        _fail(str(exc))
 
 
 def _run(spec, files, ledger_dir, budget, delta, level, mean_interval, synthetic=False):  # type: ignore[no-untyped-def]

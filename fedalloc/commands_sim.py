@@ -59,16 +59,12 @@ def simulate_command(
                                              "e.g. \"period='day' lags=14 horizon=7\"; checked before anything runs."),
 ) -> None:
     """Run a whole federation locally: DP training, D_i release, allocation."""
-    from core.run_config import DEFAULTS
     from simulations.driver import InvalidNodeFiles, check_request, simulate
 
     if data is not None and not data.is_dir():
         fail(f"--data {data}: not a directory")
-    # Options left out are not sent: core/run_config.py DEFAULTS is the one source of defaults.
-    given = {"total": total, "policy": policy, "strategy": strategy, "start": start, "cutoff": cutoff}
-    overrides = {**parse_run_config(run_config), **{k: v for k, v in given.items() if v is not None}}
-    rounds = int(overrides.pop("num-server-rounds", DEFAULTS["num-server-rounds"])) if rounds is None else rounds
-    epsilon = float(overrides.pop("epsilon", DEFAULTS["epsilon"])) if epsilon is None else epsilon
+    rounds, epsilon, overrides = _overrides(rounds, epsilon, run_config, total=total, policy=policy,
+                                            strategy=strategy, start=start, cutoff=cutoff)
     try:
         check_request(hospitals=hospitals, rounds=rounds, epsilon=epsilon, data_dir=data, engine=engine,
                       results_dir=str(out), run_name=name, seed=seed, overrides=overrides, resume=resume, secagg=secagg,
@@ -96,8 +92,20 @@ def simulate_command(
         console.print(f"[red]run failed: {outcome.error}[/red]")
         console.print(f"details in {outcome.path}/metrics.json")
         raise typer.Exit(1)
-    _print_allocations(outcome)
+    _print_allocations(outcome, overrides.get("policy"))
     console.print(f"results in [bold]{outcome.path}[/bold] (allocations.csv, forecasts.csv, rounds.csv, metrics.json)")
+
+
+def _overrides(rounds: int | None, epsilon: float | None, run_config: str | None,
+               **given: Any) -> tuple[int, float, dict[str, Any]]:
+    """(rounds, ε, run-config overrides): options left out are not sent, so core/run_config.py
+    DEFAULTS stays the one source of defaults; --rounds/--epsilon win over --run-config."""
+    from core.run_config import DEFAULTS
+
+    overrides = {**parse_run_config(run_config), **{k: v for k, v in given.items() if v is not None}}
+    rounds_ = int(overrides.pop("num-server-rounds", DEFAULTS["num-server-rounds"]))
+    epsilon_ = float(overrides.pop("epsilon", DEFAULTS["epsilon"]))
+    return (rounds_ if rounds is None else rounds), (epsilon_ if epsilon is None else epsilon), overrides
 
 
 def _round_progress(progress: Progress, task: Any) -> Callable[[int, int, dict], None]:
@@ -111,15 +119,22 @@ def _round_progress(progress: Progress, task: Any) -> Callable[[int, int, dict],
     return on_round
 
 
-def _print_allocations(outcome) -> None:  # type: ignore[no-untyped-def]
+def _print_allocations(outcome: Any, policy: str | None) -> None:
+    from core.run_config import DEFAULTS
+    from fedalloc.commands_allocate import print_fairness
+
     table = Table(title="allocations")
-    for col in ("hospital", "demand", "resources", "weight", "allocation", "ε"):
-        table.add_column(col, justify="right")
-    for row in outcome.allocations.itertuples():
-        table.add_row(row.hospital, f"{row.demand:.1f}", f"{row.resources:.1f}", f"{row.weight:.4f}",
+    alloc = outcome.allocations
+    has_interval = {"demand_lo", "demand_hi"} <= set(alloc.columns)
+    cols = ("hospital", "demand", *(("80% interval",) if has_interval else ()), "resources", "weight", "allocation", "ε")
+    for col in cols:
+        table.add_column(col, justify="right", min_width=12 if col == "hospital" else None)
+    for row in alloc.itertuples():
+        interval = (f"{row.demand_lo:.0f}–{row.demand_hi:.0f}",) if has_interval else ()
+        table.add_row(row.hospital, f"{row.demand:.1f}", *interval, f"{row.resources:.1f}", f"{row.weight:.4f}",
                       f"{row.allocation:.2f}", f"{outcome.epsilon.get(row.hospital, float('nan')):.3f}")
     console.print(table)
-    console.print("fairness: " + ", ".join(f"{k}={v:.4f}" for k, v in outcome.fairness.items()))
+    print_fairness(console, outcome.fairness, policy or str(DEFAULTS["policy"]))
 
 
 ledger_app = typer.Typer(help="Inspect a node's privacy ledger.", no_args_is_help=True)

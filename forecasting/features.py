@@ -1,7 +1,7 @@
 """Turning a node's demand series into model examples, and the D_i release's noisy input.
 
 One example is one (window, group) pair, so under the default disjoint windows one encounter
-record touches at most one example: the DP-SGD guarantee is then per record (DESIGN.md "Unit").
+record touches at most one example: the DP-SGD guarantee is then per record (docs/DESIGN.md "Privacy unit").
 
 Inputs. The model sees its lag window as `blocks` block means, per cell transformed with the
 signed log1p `sign(v)·log1p(|v|)` (= log1p for counts). The D_i release noises block *sums*:

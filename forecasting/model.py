@@ -22,8 +22,8 @@ Why this shape (measured in benchmarks/FORECASTER.md):
 - The seasonal profile is shared by construction (one row per DRG group), which is what public
   pretraining (forecasting/pretrain.py) can teach and DP fine-tuning can adjust.
 
-Inputs are per-cell transforms of the example's own window (no node-wide statistic, DESIGN.md
-"Preprocessing") plus the public calendar position of the first target period. The output is
+Inputs are per-cell transforms of the example's own window (no node-wide statistic, docs/DESIGN.md
+"Privacy unit") plus the public calendar position of the first target period. The output is
 the log1p of the forecast mean per period, repeated `horizon` times (the training target is the
 log1p of the horizon's mean, forecasting/features.py).
 
@@ -96,6 +96,23 @@ class SeasonalForecaster(nn.Module):
         f = self._log_index(self.profile(group), theta)
         target_index = torch.exp(f[:, self.lags :]).mean(dim=1, keepdim=True)
         return self.mix(m * torch.exp(-f[:, : self.lags])) * target_index
+
+    @torch.no_grad()
+    def lag_coefficients(self, group: torch.Tensor, season: torch.Tensor) -> torch.Tensor:
+        """(N, lags) c such that mean_forecast = Σ_j c_j · m_j (m = the window's block means).
+
+        The forecast is linear in the window values, so these coefficients say exactly how
+        zero-mean noise on the released window moves D_i (forecasting/intervals.py). Same
+        formula as `mean_forecast` and `LagMix.forward`; a test checks the two agree.
+        """
+        theta_t = torch.atan2(season[:, 0], season[:, 1])
+        step = 2 * math.pi * self.period_days.to(season.dtype) / YEAR_DAYS
+        offsets = torch.arange(-self.lags, self.horizon, dtype=season.dtype) * step
+        f = self._log_index(self.profile(group), theta_t[:, None] + offsets[None, :])
+        target_index = torch.exp(f[:, self.lags :]).mean(dim=1, keepdim=True)
+        scale = torch.exp(self.mix.log_scale.clamp(-SCALE_LIMIT, SCALE_LIMIT))
+        weights = torch.softmax(self.mix.logits, dim=0)[None, :] * scale
+        return weights * torch.exp(-f[:, : self.lags]) * target_index
 
     def forward(self, x: torch.Tensor, group: torch.Tensor, season: torch.Tensor) -> torch.Tensor:
         mean = self.mean_forecast(x, group, season).clamp(min=0.0)

@@ -120,12 +120,34 @@ def pretrained_state(run: RunSettings, hospitals: int = PUBLIC_HOSPITALS) -> dic
 def initial_model(run: RunSettings, hospitals: int | None = None) -> torch.nn.Module:
     """The coordinator's first global model: pretrained on `hospitals` public synthetic hospitals
     (default `PUBLIC_HOSPITALS`, or the run config's `pretrain-hospitals` if it has that key);
-    0 gives the data-free initialisation of `forecasting.model.build_model`."""
+    0 gives the data-free initialisation of `forecasting.model.build_model`.
+
+    A run with its own group catalogue gets the model pretrained on the built-in cohort mapped by
+    :func:`onto_catalogue` (shared lag weighting kept; per-group profiles by group name)."""
     from forecasting.model import build_model
 
     if hospitals is None:
         hospitals = int(getattr(run, "pretrain_hospitals", PUBLIC_HOSPITALS))
-    model = build_model(run.lags, run.horizon, len(DRG_GROUPS), seed=run.seed, period=run.period)
+    groups = tuple(getattr(run, "group_list", DRG_GROUPS))
+    model = build_model(run.lags, run.horizon, len(groups), seed=run.seed, period=run.period)
     if hospitals > 0:
-        model.load_state_dict(pretrained_state(run, hospitals))
+        model.load_state_dict(onto_catalogue(pretrained_state(run, hospitals), groups))
     return model
+
+
+def onto_catalogue(state: dict[str, torch.Tensor], groups: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The pretrained state (built-in 12 groups) for a model over `groups`, by a public rule.
+
+    The synthetic cohort only knows the built-in groups, and what it teaches about one of them
+    (its seasonal profile) says nothing about a ward code it never saw. So: the group-independent
+    part (lag weighting, scale, period) is kept; a group that is also a built-in group keeps that
+    group's profile; any other group starts with the flat, data-free profile (zeros), which DP
+    fine-tuning may then adjust. No private data is involved either way.
+    """
+    if tuple(groups) == DRG_GROUPS:
+        return state
+    out = dict(state)
+    old = state["profile.weight"]
+    rows = [old[DRG_GROUPS.index(g)] if g in DRG_GROUPS else torch.zeros_like(old[0]) for g in groups]
+    out["profile.weight"] = torch.stack(rows).clone()
+    return out

@@ -1,11 +1,12 @@
-"""Audit of every message a coordinator receives (docs/DESIGN.md, "What crosses the wire").
+"""Audit of every message a coordinator receives (docs/DESIGN.md, "Threat model and what crosses the wire").
 
 Keys: model arrays with exactly the global model's keys, shapes and dtypes; a MetricRecord whose
 keys are public counts, privacy accounting or DP releases; the node's public name; error replies
 with one of the fixed reasons. Values (when the audit knows the run's public plan): arrays finite
 and within the plan's weight bound; `num-examples`, `sample-rate` and `steps` equal to what the
 public date grid implies; σ the same in every reply of a node; ε finite, never decreasing and
-growing by at most the run's ε; D_i and query answers finite, D_i equal to the sum of its groups;
+growing by at most the run's ε; D_i and query answers finite, D_i equal to the sum of its groups
+and inside its 80 % interval (0 ≤ lo ≤ median ≤ hi);
 a node's name well-formed, stable and not claimed by another node. Violators are dropped before
 any strategy sees them and the run reports them.
 
@@ -27,7 +28,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
-from core.protocol import ERRORS
+from core.protocol import DEMAND_HI, DEMAND_INTERVAL, DEMAND_LO, DEMAND_MEDIAN, ERRORS
 from core.drg import DRG_GROUPS
 
 PUBLIC_METRICS = {"num-examples", "epsilon", "noise-multiplier", "sample-rate", "steps", "release-noise"}
@@ -43,6 +44,25 @@ class AuditViolation(RuntimeError):
     pass
 
 
+def _interval_problems(m: dict[str, Any]) -> list[str]:
+    """D_i's interval (optional: older nodes do not send it): all three keys, 0 ≤ lo ≤ median ≤ hi,
+    lo ≤ D ≤ hi (finiteness is checked for every metric). A crafted interval cannot leak more than
+    any other value a node may send; this keeps a broken one out of the allocation."""
+    present = [k for k in DEMAND_INTERVAL if k in m]
+    if not present:
+        return []
+    if len(present) != len(DEMAND_INTERVAL):
+        return [f"metric demand interval is incomplete (has {', '.join(present)})"]
+    if "demand" not in m:
+        return ["metric demand interval without demand"]
+    lo, med, hi, d = (float(m[k]) for k in (DEMAND_LO, DEMAND_MEDIAN, DEMAND_HI, "demand"))
+    if not 0.0 <= lo <= med <= hi:
+        return ["metric demand interval is not 0 ≤ lo ≤ median ≤ hi"]
+    if not lo <= d <= hi:
+        return ["metric demand is outside its interval"]
+    return []
+
+
 @dataclass
 class MessageAudit:
     """Checks replies; `violations` keeps (node id, what) for the run's report."""
@@ -53,13 +73,20 @@ class MessageAudit:
     # The run's public plan (server.app passes it): weight bound, examples, q, steps, run ε.
     plan: dict[str, float] | None = None
     names: dict[int, str] = field(default_factory=dict)
+    # The run's catalogue decides which `demand-<group>` keys a D_i reply must carry (all of them).
+    groups: tuple[str, ...] = DRG_GROUPS
     _sigma: dict[int, float] = field(default_factory=dict)
     _epsilon: dict[int, float] = field(default_factory=dict)
 
     @classmethod
-    def for_arrays(cls, arrays: ArrayRecord, plan: dict[str, float] | None = None) -> "MessageAudit":
+    def for_arrays(cls, arrays: ArrayRecord, plan: dict[str, float] | None = None,
+                   groups: tuple[str, ...] = DRG_GROUPS) -> "MessageAudit":
         spec = {k: (tuple(a.shape), str(a.dtype)) for k, a in arrays.items()}
-        return cls(spec, plan=plan)
+        return cls(spec, plan=plan, groups=tuple(groups))
+
+    @property
+    def releases(self) -> set[str]:
+        return {"demand"} | {f"demand-{g}" for g in self.groups} | set(DEMAND_INTERVAL)
 
     def problems(self, msg: Message) -> list[str]:
         if msg.has_error():
@@ -74,7 +101,7 @@ class MessageAudit:
                 out += self._check_arrays(name, record)
             elif isinstance(record, MetricRecord):
                 for key, value in record.items():
-                    if key not in PUBLIC_METRICS | DP_RELEASES and not QUERY_RELEASE.match(key):
+                    if key not in PUBLIC_METRICS | self.releases and not QUERY_RELEASE.match(key):
                         out.append(f"metric {name}.{key} is not on the allowlist")
                     elif isinstance(value, bool) or not isinstance(value, (int, float)):
                         out.append(f"metric {name}.{key} is not a scalar")
@@ -123,8 +150,12 @@ class MessageAudit:
                 out.append("metric epsilon grew by more than the run's ε")
             else:
                 self._epsilon[node] = eps
+        out += _interval_problems(m)
         if "demand" in m:
-            groups = [float(v) for k, v in m.items() if k.startswith("demand-")]
+            groups = [float(v) for k, v in m.items() if k.startswith("demand-") and k not in DEMAND_INTERVAL]
+            if len(groups) != len(self.groups):
+                # A node on another catalogue must fail loudly, not be misaligned column by column.
+                out.append(f"metric demand has {len(groups)} groups, the run's catalogue {len(self.groups)}")
             if float(m["demand"]) < 0 or min(groups, default=0.0) < 0:
                 out.append("metric demand is negative")
             elif groups and abs(sum(groups) - float(m["demand"])) > 1e-6 * max(1.0, float(m["demand"])):

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any, Callable, Protocol
 
 import pandas as pd
@@ -23,8 +25,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from core.allocation import allocate
-from core.drg import DRG_GROUPS
-from core.protocol import DEMAND, EPSILON, demand_key
+from core.protocol import DEMAND, DEMAND_HI, DEMAND_LO, DEMAND_MEDIAN, EPSILON, demand_key
 from core.tables import numeric, read_text_table, unique_names
 from core.run_config import RunSettings, plan_steps, public_examples
 from forecasting.pretrain import initial_model
@@ -82,7 +83,7 @@ class RunOutcome:
 
 def public_plan(run: RunSettings) -> dict[str, float]:
     """What every honest node's reply must say, computed from public values only."""
-    examples = public_examples(run, len(DRG_GROUPS))
+    examples = public_examples(run, len(run.group_list))
     steps = plan_steps(examples, run.batch_size, run.local_epochs)
     return {"examples": examples, "sample_rate": steps.sample_rate, "steps": steps.steps,
             "weight_bound": run.weight_bound, "run_epsilon": run.epsilon}
@@ -182,7 +183,8 @@ def read_resources(path: str) -> dict[str, float]:
 
 
 def released_demand(run: RunSettings, replies: list[Message]) -> pd.DataFrame:
-    """One row per node that released D_i: hospital, demand, epsilon, demand_<group>."""
+    """One row per node that released D_i: hospital, demand, its 80 % interval (demand_lo,
+    demand_median, demand_hi; NaN from a node that sent none), epsilon, demand_<group>."""
     rows = []
     for msg in replies:
         if msg.has_error():
@@ -190,10 +192,34 @@ def released_demand(run: RunSettings, replies: list[Message]) -> pd.DataFrame:
             continue
         m = msg.content["metrics"]
         rows.append({"hospital": str(msg.content["node"]["hospital"]), "demand": float(m[DEMAND]),
-                     "epsilon": float(m[EPSILON]), **{f"demand_{g}": float(m[demand_key(g)]) for g in DRG_GROUPS}})
+                     **{col: float(m.get(key, math.nan)) for col, key in INTERVAL_COLUMNS.items()},
+                     "epsilon": float(m[EPSILON]), **{f"demand_{g}": float(m[demand_key(g)]) for g in run.group_list}})
     if len(rows) < max(run.min_nodes, 1):
         raise RoundFailed(f"predict round: only {len(rows)} nodes released D_i (minimum {run.min_nodes})")
     return pd.DataFrame(rows).sort_values("hospital").reset_index(drop=True)
+
+
+INTERVAL_COLUMNS = {"demand_lo": DEMAND_LO, "demand_median": DEMAND_MEDIAN, "demand_hi": DEMAND_HI}
+Z90 = NormalDist().inv_cdf(0.9)
+
+
+def quantile_args(run: RunSettings, released: pd.DataFrame) -> dict[str, Any]:
+    """allocate()'s quantile arguments for run-config `allocate-on` (none for "mean").
+
+    The allocation core allocates on max(D + z_q·std, 0); with q = 0.9 and std = (hi − D)/z_0.9
+    that is exactly the released hi (q = 0.1, std = (D − lo)/z_0.9: lo), so the policy uses the
+    chosen bound while fairness is still measured against the mean D. `demand_std` in the table
+    is that normal-equivalent spread, not a separate estimate.
+    """
+    if run.allocate_on == "mean":
+        return {}
+    missing = released.hospital[released[["demand_lo", "demand_hi"]].isna().any(axis=1)].tolist()
+    if missing:
+        raise ValueError(f"allocate-on {run.allocate_on}: hospital(s) {', '.join(missing)} released no interval")
+    d = released.demand.to_numpy()
+    if run.allocate_on == "q90":
+        return {"quantile": 0.9, "demand_std": (released.demand_hi.to_numpy() - d) / Z90}
+    return {"quantile": 0.1, "demand_std": (d - released.demand_lo.to_numpy()) / Z90}
 
 
 def allocate_released(run: RunSettings, replies: list[Message]) -> tuple[pd.DataFrame, dict[str, float], dict[str, float]]:
@@ -208,10 +234,18 @@ def allocate_released(run: RunSettings, replies: list[Message]) -> tuple[pd.Data
     else:
         log.warning("no resources-file given: every hospital gets R_i = 1")
         r = [1.0] * len(released)
-    group_demand = released[[f"demand_{g}" for g in DRG_GROUPS]].to_numpy() if run.policy == "drg_budget" else None
+    cat = run.catalogue
+    group_demand = released[[f"demand_{g}" for g in cat.groups]].to_numpy() if run.policy == "drg_budget" else None
+    # drg_budget pays each group's demand at the catalogue's relative weight (same order as the columns).
     result = allocate(released.demand.to_numpy(), r, run.total, run.policy, integer=run.integer,
-                      group_demand=group_demand, hospitals=released.hospital.tolist())
+                      group_demand=group_demand, hospitals=released.hospital.tolist(),
+                      relative_weights=[cat.weights[g] for g in cat.groups] if group_demand is not None else None,
+                      **quantile_args(run, released))
     table = result.table.merge(released.drop(columns=["demand", "epsilon"]), on="hospital", how="left")
+    # The interval next to the mean it belongs to.
+    cols = [c for c in table.columns if c not in INTERVAL_COLUMNS]
+    at = cols.index("demand") + 1
+    table = table[cols[:at] + list(INTERVAL_COLUMNS) + cols[at:]]
     return table, dict(result.fairness), dict(zip(released.hospital, released.epsilon))
 
 

@@ -33,10 +33,11 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.common import FitRes, Parameters, Scalar, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common import FitIns, FitRes, Parameters, Scalar, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.compat.common import recorddict_compat as compat
 from flwr.server import ServerConfig
+from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.compat.legacy_context import LegacyContext
 from flwr.server.strategy import FedAvg as LegacyFedAvg
@@ -144,7 +145,8 @@ class GuardedLegacyFedAvg(LegacyFedAvg):
         self.t0 = time.monotonic()
         self.asked = 0
 
-    def configure_fit(self, server_round, parameters, client_manager):  # type: ignore[no-untyped-def]
+    def configure_fit(self, server_round: int, parameters: Parameters,
+                      client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
         out = super().configure_fit(server_round, parameters, client_manager)
         self.asked = len(out)
         self.t0 = time.monotonic()
@@ -190,7 +192,7 @@ class SecAggWorkflow:
     context: Context | None = None
 
     def audit(self, initial: ArrayRecord, run: RunSettings) -> MessageAudit:
-        return SecAggAudit.for_arrays(initial, public_plan(run))
+        return SecAggAudit.for_arrays(initial, public_plan(run), run.group_list)
 
     def min_nodes(self, run: RunSettings) -> int:
         return max(run.min_nodes, 3)

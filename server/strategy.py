@@ -116,7 +116,7 @@ class StrategyWorkflow:
     """Training with the run config's Flower strategy (Message API), every reply audited."""
 
     def audit(self, initial: ArrayRecord, run: RunSettings) -> MessageAudit:
-        return MessageAudit.for_arrays(initial, public_plan(run))
+        return MessageAudit.for_arrays(initial, public_plan(run), run.group_list)
 
     def min_nodes(self, run: RunSettings) -> int:
         return run.min_nodes

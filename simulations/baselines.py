@@ -9,6 +9,7 @@ Methods (name → what it does):
 
 - ``seasonal_naive``: the same `horizon` weeks one year (52 weeks) earlier.
 - ``last_value``: the last observed week × horizon.
+  Both also give an 80 % interval from their own past relative errors (`empirical_interval`).
 - ``centralised``: one forecaster trained without DP on the pooled windows of all hospitals.
 - ``local``: each hospital trains alone, no DP.
 - ``local_dp``: each hospital trains alone with DP-SGD at the run's ε, calibrated exactly like a
@@ -36,7 +37,6 @@ import numpy as np
 import pandas as pd
 
 from core.allocation import allocate_array
-from core.drg import DRG_GROUPS
 from core.fairness import allocation_error, fairness_summary
 from core.records import load_records
 from core.run_config import RunSettings
@@ -79,7 +79,7 @@ def load_hospitals(data_dir: Path, run: RunSettings, resources_file: Path | None
     configs = [{"data-path": str(f), "hospital": n} for f, n in zip(files, names)]
     series = [
         demand_series(load_records(f), start=run.start, end=run.cutoff, period=run.period, measure=run.measure,
-                      los_cap=run.los_cap, groups=DRG_GROUPS)
+                      los_cap=run.los_cap, groups=run.group_list)
         for f in files
     ]
     truth = true_demand(configs, run).set_index("hospital").loc[names, "true_demand"].to_numpy(dtype=float)
@@ -103,7 +103,7 @@ def synthetic_hospitals(out_dir: Path, hospitals: int, seed: int, run: RunSettin
 
     out_dir = Path(out_dir)
     if not (out_dir / "hospitals.csv").exists():
-        generate(SyntheticConfig(hospitals=hospitals, seed=seed), out_dir)
+        generate(SyntheticConfig(hospitals=hospitals, seed=seed, groups=run.group_list), out_dir)
     return dataclasses.replace(load_hospitals(out_dir, run), synthetic=True)
 
 
@@ -131,6 +131,27 @@ def seasonal_naive(series: pd.DataFrame | np.ndarray, horizon: int, season: int 
 def last_value(series: pd.DataFrame | np.ndarray, horizon: int) -> float:
     values = np.asarray(series, dtype=float)
     return float(values[-1].sum() * horizon)
+
+
+def empirical_interval(series: pd.DataFrame | np.ndarray, horizon: int, forecast: Callable[[np.ndarray], float],
+                       min_history: int, quantiles: Sequence[float] = (0.1, 0.5, 0.9)) -> np.ndarray:
+    """(lo, median, hi) of a naive forecast from its own past relative errors (non-private baselines).
+
+    The forecast is replayed at every earlier origin of the hospital's own series, one horizon
+    apart (each origin sees only the rows before it), and the quantiles of true/forecast − 1
+    scale today's forecast. NaN when fewer than 8 past origins are available.
+    """
+    values = np.asarray(series, dtype=float)
+    n = values.shape[0]
+    ratios = []
+    for o in range(n - horizon, min_history - 1, -horizon):
+        past = forecast(values[:o])
+        if past > 0:
+            ratios.append(values[o : o + horizon].sum() / past - 1.0)
+    if len(ratios) < 8:
+        return np.full(len(quantiles), np.nan)
+    point = forecast(values)
+    return np.maximum(point * (1.0 + np.quantile(ratios, quantiles)), 0.0)
 
 
 # ---------------------------------------------------------------- model-based forecasts
@@ -360,6 +381,8 @@ class MethodResult:
     overall: dict[str, float] = field(default_factory=dict)
     per_hospital: pd.DataFrame | None = None
     rounds: list[dict[str, Any]] = field(default_factory=list)
+    # (n, 3) released 80 % interval per hospital: lo, median, hi (None: the method has none)
+    interval: np.ndarray | None = None
 
 
 def evaluate(method: str, pred: np.ndarray, eps_spent: np.ndarray, epsilon: float, h: Hospitals,
@@ -377,10 +400,16 @@ def run_non_private(h: Hospitals, run: RunSettings,
     out = []
     for m in methods:
         rounds: list[dict[str, Any]] = []
+        interval = None
         if m == "seasonal_naive":
-            pred = np.array([seasonal_naive(s, run.horizon, season_periods(run.period)) for s in h.series])
+            season = season_periods(run.period)
+            pred = np.array([seasonal_naive(s, run.horizon, season) for s in h.series])
+            interval = np.array([empirical_interval(s, run.horizon, lambda v: seasonal_naive(v, run.horizon, season),
+                                                    season) for s in h.series])
         elif m == "last_value":
             pred = np.array([last_value(s, run.horizon) for s in h.series])
+            interval = np.array([empirical_interval(s, run.horizon, lambda v: last_value(v, run.horizon), 1)
+                                 for s in h.series])
         elif m == "centralised":
             pred = centralised(h, run)
         elif m == "local":
@@ -392,6 +421,8 @@ def run_non_private(h: Hospitals, run: RunSettings,
         else:
             raise ValueError(f"unknown non-private method {m!r}; known: {', '.join(NON_PRIVATE)}")
         out.append(evaluate(m, pred, inf, math.inf, h, run.total, rounds))
+        if interval is not None and np.isfinite(interval).all():
+            out[-1].interval = interval
     return out
 
 
@@ -413,6 +444,9 @@ def run_private(h: Hospitals, run: RunSettings, results_dir: Path, run_name: str
             else:
                 pred, eps, outcome = federated_dp(h, run, results_dir, run_name, on_round=on_round)
                 out.append(evaluate(m, pred, eps, run.epsilon, h, run.total, list(outcome.rounds)))
+                cols = ["demand_lo", "demand_median", "demand_hi"]
+                if set(cols) <= set(outcome.allocations.columns):  # the nodes' released intervals
+                    out[-1].interval = outcome.allocations.set_index("hospital").loc[h.names, cols].to_numpy(float)
         else:
             raise ValueError(f"unknown private method {m!r}; known: {', '.join(PRIVATE)}")
     return out

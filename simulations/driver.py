@@ -8,6 +8,7 @@ forecast horizon.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from core.drg import DRG_GROUPS
 from core.records import load_records
 from core.run_config import RunSettings
 from core.series import demand_series, period_grid
-from core.synthetic import SyntheticConfig, generate
+from core.synthetic import SyntheticConfig, generate, hospital_name
 
 RECORD_SUFFIXES = (".csv", ".csv.gz", ".parquet", ".pq")
 ENGINES = ("ray", "inprocess")
@@ -34,6 +35,8 @@ NOT_RECORDS = {"hospitals", "resources"}
 class SimNodes:
     node_configs: list[dict[str, Any]]
     resources_file: str
+    # hospital -> true demand over the horizon, when prepare_nodes already had the records in hand
+    truth: dict[str, float] | None = None
 
 
 def _quiet_logs() -> None:
@@ -57,16 +60,23 @@ def record_files(data_dir: Path) -> list[Path]:
     return files
 
 
-def check_records(files: list[Path]) -> None:
-    """The researcher owns every file here, so report all problems before any node starts."""
+def check_records(files: list[Path], on_loaded: Callable[[Path, pd.DataFrame], None] | None = None) -> None:
+    """The researcher owns every file here, so report all problems before any node starts.
+
+    `on_loaded(file, records)` sees each valid file's typed records: whatever the driver needs from
+    them later (the true demand) is taken now instead of parsing every file again after the run.
+    """
     from core.records import RecordsError
 
     problems: list[str] = []
     for f in files:
         try:
-            load_records(f)
+            records = load_records(f)
         except RecordsError as exc:
             problems.append(str(exc))
+            continue
+        if on_loaded is not None:
+            on_loaded(f, records)
     if problems:
         raise InvalidNodeFiles("\n".join(problems))
 
@@ -99,18 +109,38 @@ def prepare_nodes(
     debug_seed: int | None = None,
     limits: Mapping[str, Any] | None = None,
     synthetic_data: bool = False,
+    groups: tuple[str, ...] = DRG_GROUPS,
+    truth_run: RunSettings | None = None,
 ) -> SimNodes:
-    """Node configs: synthetic hospitals get per-run ledgers, real files their lifetime ledger."""
+    """Node configs: synthetic hospitals get per-run ledgers, real files their lifetime ledger.
+
+    Generated hospitals treat the run's catalogue `groups` (the generator's public rule for a
+    group it has no profile for: a flat season, average stay).
+
+    With `truth_run`, the true demand of each hospital is taken from the records in hand when the
+    generator writes them or the check pass loads them (`SimNodes.truth`), so no file is parsed
+    again after the run."""
     nodes_dir = run_path / "nodes"
     synthetic = data_dir is None or synthetic_data
+    truth: dict[str, float] | None = None
     if data_dir is None:
         data_dir = nodes_dir
-        table = generate(SyntheticConfig(hospitals=hospitals, seed=seed), data_dir)
+        on_records = None
+        if truth_run is not None:
+            truth = {}
+            on_records = lambda i, records: truth.__setitem__(  # noqa: E731
+                hospital_name(i), horizon_demand(_typed_truth_columns(records, truth_run), truth_run))
+        table = generate(SyntheticConfig(hospitals=hospitals, seed=seed, groups=tuple(groups)), data_dir,
+                         on_records=on_records)
         resources = data_dir / "hospitals.csv"
         files = [data_dir / f"{h}.csv" for h in table.hospital]
     else:
         files = record_files(Path(data_dir))
-        check_records(files)
+        if truth_run is not None:
+            truth = {}
+            check_records(files, lambda f, records: truth.__setitem__(_stem(f), horizon_demand(records, truth_run)))
+        else:
+            check_records(files)
     configs = []
     for f in files:
         ledger = (nodes_dir / "ledgers" / f"{_stem(f)}.json").resolve() if synthetic else lifetime_ledger(f)
@@ -123,7 +153,7 @@ def prepare_nodes(
         if debug_seed is not None:
             cfg["debug-seed"] = debug_seed
         configs.append(cfg)
-    return SimNodes(configs, str(Path(resources).resolve()) if resources else "")
+    return SimNodes(configs, str(Path(resources).resolve()) if resources else "", truth)
 
 
 def check_federation_size(n_nodes: int, run: RunSettings, secagg: bool = False) -> None:
@@ -135,16 +165,76 @@ def check_federation_size(n_nodes: int, run: RunSettings, secagg: bool = False) 
         raise ValueError(f"secure aggregation needs at least {SECAGG_MIN_NODES} hospitals, got {n_nodes}")
 
 
-def true_demand(node_configs: list[Mapping[str, Any]], run: RunSettings) -> pd.DataFrame:
-    """Researcher-side truth: each hospital's demand over the horizon after the cutoff."""
-    grid = period_grid(run.cutoff, "2200-01-01", run.period)[: run.horizon + 1]
-    end = grid[run.horizon]
+def horizon_demand(records: pd.DataFrame, run: RunSettings) -> float:
+    """Total demand of typed `records` over the run's horizon after the cutoff."""
+    series = demand_series(records, start=run.cutoff, end=_horizon_end(run.cutoff, run.period, run.horizon),
+                           period=run.period, measure=run.measure, los_cap=run.los_cap, groups=run.group_list)
+    return float(series.to_numpy().sum())
+
+
+@functools.lru_cache(maxsize=64)
+def _horizon_end(cutoff: str, period: str, horizon: int) -> pd.Timestamp:
+    # The open-ended public grid is built once per run (≈ 0.2 s each), not once per hospital.
+    return period_grid(cutoff, "2200-01-01", period)[horizon]
+
+
+def true_demand(node_configs: list[Mapping[str, Any]], run: RunSettings,
+                known: Mapping[str, float] | None = None) -> pd.DataFrame:
+    """Researcher-side truth: each hospital's demand over the horizon after the cutoff.
+
+    Hospitals in `known` (taken when the driver last had their records in hand) are not read
+    again; the others are read with `_truth_records`.
+    """
     rows = []
     for cfg in node_configs:
-        series = demand_series(load_records(cfg["data-path"]), start=run.cutoff, end=end, period=run.period,
-                               measure=run.measure, los_cap=run.los_cap, groups=DRG_GROUPS)
-        rows.append({"hospital": cfg["hospital"], "true_demand": float(series.to_numpy().sum())})
+        value = (known or {}).get(cfg["hospital"])
+        if value is None:
+            value = horizon_demand(_truth_records(Path(cfg["data-path"])), run)
+        rows.append({"hospital": cfg["hospital"], "true_demand": float(value)})
     return pd.DataFrame(rows)
+
+
+_TRUTH_COLUMNS = frozenset({"admit_date", "drg_group", "length_of_stay"})
+
+
+def _typed_truth_columns(records: pd.DataFrame, run: RunSettings) -> pd.DataFrame:
+    """Generated records of the horizon, typed as `load_records` types the file they were written to.
+
+    The generator's dates are datetime64 days, so rows outside [cutoff, end of horizon) can be
+    dropped before typing (they would fall outside the truth's grid anyway)."""
+    from core.records import to_typed
+
+    day = pd.to_datetime(records["admit_date"]).dt.normalize()
+    # A superset of the horizon's rows (the grid starts at the cutoff rounded up to a period start).
+    rows = ((day >= pd.Timestamp(run.cutoff)) & (day < _horizon_end(run.cutoff, run.period, run.horizon))).to_numpy()
+    return to_typed(records.loc[rows, [c for c in records.columns if c in _TRUTH_COLUMNS]])
+
+
+def _truth_records(path: Path) -> pd.DataFrame:
+    """The typed columns the truth needs, from a file that was validated (or generated) before.
+
+    Validation (`load_records`) is most of the cost of reading a file and was done before the
+    run, so a CSV is read here with the same pandas options as `core.records` but only the three
+    columns the series uses, and typed by the same `to_typed`. Anything unusual (Parquet, a read
+    error) takes the full `load_records` path.
+    """
+    import warnings
+
+    from core.records import to_typed
+
+    if not path.name.lower().endswith((".csv", ".csv.gz")):
+        return load_records(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", pd.errors.ParserWarning)
+            raw = pd.read_csv(path, dtype=str, index_col=False, encoding="utf-8-sig",
+                              usecols=lambda c: str(c).strip() in _TRUTH_COLUMNS)
+        raw.columns = [str(c).strip() for c in raw.columns]
+        if raw.columns.duplicated().any() or not {"admit_date", "drg_group"} <= set(raw.columns):
+            return load_records(path)
+        return to_typed(raw)
+    except (OSError, ValueError, pd.errors.ParserError):
+        return load_records(path)
 
 
 def check_request(
@@ -223,8 +313,7 @@ def simulate(
     files and ledgers under `<run>/nodes/` (and, in process, the same run id), so their σ plan and
     ε accounting carry on where the crashed coordinator left them.
 
-    `ray_address="HOST:PORT"` (engine ray only) runs on an existing Ray cluster instead of a
-    local loopback-only instance; the cluster's processes are left running (README, "Ray cluster").
+    `ray_address="HOST:PORT"` (engine ray only) runs on an existing Ray cluster (README, "Ray cluster").
     """
     name, run_path, settings = check_request(
         hospitals=hospitals, rounds=rounds, epsilon=epsilon, data_dir=data_dir, engine=engine,
@@ -232,48 +321,84 @@ def simulate(
         ray_address=ray_address)
 
     from client.app import make_app as make_client_app
-    from server.app import make_app as make_server_app
-    from server.runner import run_federation
 
     _quiet_logs()
+    synthetic, first = data_dir is None or synthetic_data, RunSettings.from_mapping(settings)
     # The researcher operates every node here, so the nodes' own limits are this request.
-    limits = {"max-epsilon-per-run": epsilon, "max-rounds-per-run": rounds}
-    synthetic = data_dir is None or synthetic_data
     nodes = prepare_nodes(run_path, hospitals=hospitals, seed=seed, budget=(budget or epsilon) if synthetic else budget,
-                          data_dir=data_dir, resources=resources, limits=limits, synthetic_data=synthetic_data)
+                          data_dir=data_dir, resources=resources, synthetic_data=synthetic_data,
+                          limits={"max-epsilon-per-run": epsilon, "max-rounds-per-run": rounds},
+                          groups=first.group_list, truth_run=first)
     settings["resources-file"] = nodes.resources_file
     workflow = None
     if secagg:
-        from client.secagg import make_secagg_app as make_client_app  # noqa: F811
-        from server.secagg import SecAggSettings, SecAggWorkflow
-
-        sa, settings = SecAggSettings.split(settings)
-        workflow = SecAggWorkflow(sa)
+        settings, workflow, make_client_app = _secagg(settings)
     run = RunSettings.from_mapping(settings)
+
+    outcome = _run_engine(engine, nodes.node_configs, settings, run, workflow, client_app, make_client_app,
+                          on_round=on_round, drop=drop, resume=resume, secure=secagg, ray_address=ray_address)
+    if outcome.allocations is not None:
+        write_forecasts(outcome, true_demand(nodes.node_configs, run, known=nodes.truth), run)
+    return outcome
+
+
+def write_forecasts(outcome: Any, truth: pd.DataFrame, run: RunSettings) -> None:
+    """forecasts.csv: released D_i (and its interval) beside the true demand of the horizon, and
+    the allocation change the released D_i caused (simulation only: the truth is known here)."""
+    bounds = [c for c in ("demand_lo", "demand_hi") if c in outcome.allocations.columns]
+    fc = outcome.allocations[["hospital", "demand", *bounds]].rename(columns={"demand": "released_demand"})
+    fc = fc.merge(truth, on="hospital", how="left")
+    fc["abs_error"] = np.abs(fc.released_demand - fc.true_demand)
+    fc = pd.concat([fc, noise_change(outcome.allocations, fc, run)], axis=1)
+    fc.to_csv(outcome.path / "forecasts.csv", index=False)
+
+
+def _secagg(settings: dict[str, Any]) -> tuple[dict[str, Any], Any, Callable[..., Any]]:
+    """(run config without the SecAgg+ keys, the SecAgg+ workflow, the SecAgg+ ClientApp factory)."""
+    from client.secagg import make_secagg_app
+    from server.secagg import SecAggSettings, SecAggWorkflow
+
+    sa, rest = SecAggSettings.split(settings)
+    return rest, SecAggWorkflow(sa), make_secagg_app
+
+
+def _run_engine(engine: str, node_configs: list[dict[str, Any]], settings: dict[str, Any], run: RunSettings,
+                workflow: Any, client_app: Any, make_client_app: Callable[..., Any], *, on_round: Any, drop: Any,
+                resume: bool, secure: bool, ray_address: str | None) -> Any:
+    """The coordinator's RunOutcome of one federation on `engine` (in-process Grid or Flower's Ray
+    simulation engine); `client_app` if given, else `make_client_app(sim node configs)`."""
+    from server.app import make_app as make_server_app
+    from server.runner import run_federation
 
     if engine == "inprocess":
         from simulations.inprocess import InProcessGrid
 
-        grid = InProcessGrid(client_app or make_client_app(), nodes.node_configs, drop=drop)
-        outcome = run_federation(grid, run, workflow, on_round=on_round, resume=resume)
-    else:
-        from simulations.ray_local import run_ray_simulation  # loopback-only Ray, Ctrl-C stops it
+        grid = InProcessGrid(client_app or make_client_app(), node_configs, drop=drop)
+        return run_federation(grid, run, workflow, on_round=on_round, resume=resume)
+    from simulations.ray_local import run_ray_simulation  # loopback-only Ray, Ctrl-C stops it
 
-        results: list[Any] = []
-        run_ray_simulation(
-            server_app=make_server_app(settings, on_round=on_round, on_finish=results.append, resume=resume,
-                                       secure=secagg),
-            client_app=client_app or make_client_app(dict(enumerate(nodes.node_configs))),
-            num_supernodes=len(nodes.node_configs),
-            address=ray_address,
-        )
-        if not results:
-            raise RuntimeError("the simulation ended without a result; see the log above")
-        outcome = results[0]
-    if outcome.allocations is not None:
-        truth = true_demand(nodes.node_configs, run)
-        fc = outcome.allocations[["hospital", "demand"]].rename(columns={"demand": "released_demand"})
-        fc = fc.merge(truth, on="hospital", how="left")
-        fc["abs_error"] = np.abs(fc.released_demand - fc.true_demand)
-        fc.to_csv(outcome.path / "forecasts.csv", index=False)
-    return outcome
+    results: list[Any] = []
+    run_ray_simulation(
+        server_app=make_server_app(settings, on_round=on_round, on_finish=results.append, resume=resume, secure=secure),
+        client_app=client_app or make_client_app(dict(enumerate(node_configs))),
+        num_supernodes=len(node_configs),
+        address=ray_address,
+    )
+    if not results:
+        raise RuntimeError("the simulation ended without a result; see the log above")
+    return results[0]
+
+
+def noise_change(alloc: pd.DataFrame, fc: pd.DataFrame, run: RunSettings) -> pd.DataFrame:
+    """alloc_true (the run's policy on the true D_i) and alloc_change = allocation − alloc_true: the
+    units DP noise and forecast error move per hospital (issue #12; core.fairness.allocation_change
+    sorts and flags the smallest). Empty for policies that need per-group or quantile input."""
+    from core.allocation import allocate_array
+
+    if (run.policy not in ("seed", "proportional", "need_gap") or run.allocate_on != "mean"
+            or fc.true_demand.isna().any()):
+        return pd.DataFrame(index=fc.index)
+    a_true = allocate_array(fc.true_demand.to_numpy(), alloc.resources.to_numpy(), run.total, run.policy,
+                            integer=run.integer)
+    a = alloc.allocation.to_numpy()
+    return pd.DataFrame({"alloc_true": a_true, "alloc_change": a - a_true}, index=fc.index)

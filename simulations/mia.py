@@ -8,7 +8,7 @@ fail is `simulations/privacy_audit.py` (one-run canary audit of the node's own t
 plot does show: the attack is far above chance without DP and near chance with it.
 
 What is audited is exactly what DP-SGD bounds: one training *example* (one (window, group) pair;
-with the default disjoint windows one encounter record touches one example, DESIGN.md "Unit").
+with the default disjoint windows one encounter record touches one example, docs/DESIGN.md "Privacy unit").
 
 The game, repeated per (ε, seed):
 
@@ -42,13 +42,13 @@ Runs on CPU in a few seconds per model with the default sizes.
 
 from __future__ import annotations
 
-import base64
 import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -312,6 +312,23 @@ RESULT_COLUMNS = ("eps", "seed", "attack", "auc", "auc_bound", "advantage", "adv
                   "eps_spent", "sigma", "n_members", "n_nonmembers", "within_bound", "seconds")
 
 
+def _shadow_reference(ex: Any, shadow_in: list[np.ndarray], eps: float, seed: int, cfg: AuditConfig,
+                      on_step: Callable[[str], None] | None) -> np.ndarray:
+    """Per example, the mean log loss of the reference models that did NOT train on it."""
+    n = len(ex)
+    ref = np.full((cfg.shadows, n), np.nan)
+    for k, inside in enumerate(shadow_in):
+        if on_step:
+            on_step(f"seed {seed} ε={eps:g}: shadow {k + 1}/{cfg.shadows}")
+        s_idx = np.flatnonzero(inside)
+        l_k, _ = train_and_losses(ex, s_idx, sigma_for(eps, len(s_idx), cfg), cfg, seed=1000 * seed + 100 + k)
+        ref[k, ~inside] = np.log(l_k[~inside] + 1e-12)
+    seen = ~np.isnan(ref)
+    counts = seen.sum(axis=0)
+    fallback = float(np.mean(ref[seen])) if seen.any() else 0.0
+    return np.where(counts > 0, np.where(seen, ref, 0.0).sum(axis=0) / np.maximum(counts, 1), fallback)
+
+
 def run_audit(
     epsilons: Sequence[float] = DEFAULT_EPSILONS,
     seeds: int | Sequence[int] = 2,
@@ -342,18 +359,7 @@ def run_audit(
             losses, spent = train_and_losses(ex, members, sigma, cfg, seed=1000 * seed + 7)
             attacks = {"loss": -losses}
             if cfg.shadows:
-                ref = np.full((cfg.shadows, n), np.nan)
-                for k, inside in enumerate(shadow_in):
-                    if on_step:
-                        on_step(f"seed {seed} ε={eps:g}: shadow {k + 1}/{cfg.shadows}")
-                    s_idx = np.flatnonzero(inside)
-                    s_sigma = sigma_for(eps, len(s_idx), cfg)
-                    l_k, _ = train_and_losses(ex, s_idx, s_sigma, cfg, seed=1000 * seed + 100 + k)
-                    ref[k, ~inside] = np.log(l_k[~inside] + 1e-12)  # only models that did NOT see it
-                seen = ~np.isnan(ref)
-                counts = seen.sum(axis=0)
-                fallback = float(np.mean(ref[seen])) if seen.any() else 0.0
-                ref_mean = np.where(counts > 0, np.where(seen, ref, 0.0).sum(axis=0) / np.maximum(counts, 1), fallback)
+                ref_mean = _shadow_reference(ex, shadow_in, eps, seed, cfg, on_step)
                 attacks["calibrated"] = -(np.log(losses + 1e-12) - ref_mean)
             for name, sc in attacks.items():
                 sm, sn = sc[is_member], sc[~is_member]
@@ -439,42 +445,27 @@ def plot_audit(df: pd.DataFrame, path: Path) -> Path:
 
 
 def html_section(df: pd.DataFrame, png: Path) -> str:
-    import html
+    """The sanity plot as an HTML <section> (templates/mia_section.html.j2)."""
+    from simulations.templating import data_uri, render
 
-    data = base64.b64encode(png.read_bytes()).decode("ascii")
     s = summary(df)
     head = ("attack", "ε", "AUC (mean / max)", "AUC bound", "advantage", "advantage bound",
             "ε lower bound (max, 95%)", "σ", "within bound")
-    rows = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in (
-            r.attack, _eps_label(r.eps), f"{r.auc_mean:.3f} / {r.auc_max:.3f}", f"{r.auc_bound:.3f}",
-            f"{r.advantage_mean:.3f}", f"{r.advantage_bound:.3f}", f"{r.eps_lower_bound_max:.2f}",
-            "—" if pd.isna(r.sigma) else f"{r.sigma:.2f}", "yes" if r.all_within_bound else "NO")) + "</tr>"
-        for r in s.itertuples(index=False))
+    rows = [
+        [r.attack, _eps_label(r.eps), f"{r.auc_mean:.3f} / {r.auc_max:.3f}", f"{r.auc_bound:.3f}",
+         f"{r.advantage_mean:.3f}", f"{r.advantage_bound:.3f}", f"{r.eps_lower_bound_max:.2f}",
+         "—" if pd.isna(r.sigma) else f"{r.sigma:.2f}", "yes" if r.all_within_bound else "NO"]
+        for r in s.itertuples(index=False)]
     cfg = df.attrs.get("config", {})
-    note = html.escape(
+    note = (
         f"{int(df.n_members.iloc[0])} members / {int(df.n_nonmembers.iloc[0])} non-members per seed; "
         f"hidden={cfg.get('hidden')}, epochs={cfg.get('epochs')}, batch={cfg.get('batch_size')}, "
         f"lr={cfg.get('lr')}, clip={cfg.get('clip_norm')}, δ={cfg.get('delta')}; ε = ∞ trains without DP.")
-    return (
-        '<section id="membership-inference-sanity-plot">\n'
-        "<h2>Sanity plot, not an audit: Membership-inference attack on examples</h2>\n"
-        "<p><b>This attack cannot refute ε</b>: it attacks examples of a centrally trained MLP and its ε lower "
-        "bound cannot exceed ≈ 3 with this many points; see the privacy audit for the record-level audit of the "
-        "node's own DP-SGD.</p>\n"
-        "<p>Loss-threshold attack (score = −MSE per example) against a forecaster trained on a random half "
-        "of a pool of (window, group) examples. The (ε, δ) bound: TPR ≤ min(1, e^ε·FPR + δ, "
-        "1 − e^−ε(1 − δ − FPR)); its integral bounds the AUC. The ε lower bound picks a threshold on half the "
-        "pool and applies Clopper–Pearson bounds on the other half.</p>\n"
-        f"<p>{note}</p>\n"
-        f"<table border=\"1\" cellspacing=\"0\" cellpadding=\"3\"><tr>{''.join(f'<th>{h}</th>' for h in head)}</tr>"
-        f"{rows}</table>\n"
-        f'<img alt="membership-inference ROC and AUC" src="data:image/png;base64,{data}"/>\n</section>\n'
-    )
+    return render("mia_section.html.j2", head=head, rows=rows, note=note, png=data_uri(png))
 
 
 def write_audit(df: pd.DataFrame, out: Path) -> dict[str, Path]:
-    """audit.csv, audit_summary.csv, audit.png and mia.html (a self-contained section) in `out`."""
+    """audit.csv, audit_summary.csv, audit.png and mia.html (a standalone page) in `out`."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"csv": out / "audit.csv", "summary": out / "audit_summary.csv", "png": out / "audit.png",
@@ -482,5 +473,8 @@ def write_audit(df: pd.DataFrame, out: Path) -> dict[str, Path]:
     df.to_csv(paths["csv"], index=False)
     summary(df).to_csv(paths["summary"], index=False)
     plot_audit(df, paths["png"])
-    paths["html"].write_text(html_section(df, paths["png"]), encoding="utf-8")
+    from simulations.templating import page
+
+    paths["html"].write_text(page("fedalloc membership-inference sanity plot", [html_section(df, paths["png"])]),
+                             encoding="utf-8")
     return paths

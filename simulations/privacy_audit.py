@@ -2,7 +2,7 @@
 
 What is audited is the claim the ledger makes: "this node's DP-SGD training (noise multiplier σ,
 Poisson rate q, T steps, clip C) is (ε, δ)-DP for one changed example", where one example is one
-(window, group) pair and a record changes one example (DESIGN.md "Privacy semantics": the
+(window, group) pair and a record changes one example (docs/DESIGN.md "Privacy unit": the
 neighbouring relation is *replace-one*). The audit runs the node's own training code,
 `client.dp_training.train_dp` (Opacus, same clipping, Poisson sampling, expected batch size, lr and
 epochs as the node), on the node's own examples (synthetic hospital → `demand_series` →
@@ -52,13 +52,12 @@ replace-one (σ × 0.81, true ε 4.0: ε_lb 0.5–0.8). Numbers and commands: be
 
 from __future__ import annotations
 
-import base64
-import html
 import inspect
 import math
 import time
 import warnings
 from collections.abc import Callable
+from typing import Any
 from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
@@ -634,17 +633,22 @@ def audit_dp_sgd(cfg: PrivacyAuditConfig, *, noise_scale: float = 1.0, label: st
     finally:
         torch.set_num_threads(threads)
 
+    return _verdict(cfg, label=label, noise_multiplier=sigma, charged_noise_multiplier=charged, sample_rate=q,
+                    steps=steps, measured_noise_multiplier=float(np.mean(sigma_hats)), runs=len(starts), seed=seed,
+                    seconds=time.perf_counter() - t0, scores=scores, signs=signs)
+
+
+def _verdict(cfg: PrivacyAuditConfig, **run: Any) -> AuditResult:
+    """Guess the canaries' signs from their scores and turn the count into an ε lower bound."""
     r = cfg.guesses
-    correct = guess_and_count(scores, signs, r)
+    correct = guess_and_count(run["scores"], run["signs"], r)
     lb = eps_lower_bound(cfg.canaries, r, correct, cfg.delta, cfg.beta)
     return AuditResult(
-        label=label, claimed_epsilon=cfg.claimed_epsilon, delta=cfg.delta, confidence=1 - cfg.beta,
-        noise_multiplier=sigma, charged_noise_multiplier=charged,
-        true_epsilon=replace_one_epsilon(sigma, q, steps, cfg.delta), sample_rate=q, steps=steps,
+        claimed_epsilon=cfg.claimed_epsilon, delta=cfg.delta, confidence=1 - cfg.beta,
+        true_epsilon=replace_one_epsilon(run["noise_multiplier"], run["sample_rate"], run["steps"], cfg.delta),
         canaries=cfg.canaries, guesses=r, correct=correct, eps_lower_bound=lb,
         max_possible_bound=max_eps_lower_bound(cfg.canaries, r, cfg.delta, cfg.beta),
-        flagged=bool(lb > cfg.claimed_epsilon), measured_noise_multiplier=float(np.mean(sigma_hats)),
-        runs=len(starts), seed=seed, seconds=time.perf_counter() - t0, scores=scores, signs=signs,
+        flagged=bool(lb > cfg.claimed_epsilon), **run,
     )
 
 
@@ -720,48 +724,41 @@ def plot_privacy_audit(df: pd.DataFrame, path: Path) -> Path:
 
 
 def html_section(df: pd.DataFrame, png: Path | None = None) -> str:
+    """The privacy audit as an HTML <section> (templates/privacy_audit_section.html.j2)."""
+    from simulations.templating import data_uri, render
+
     cfg = df.attrs.get("config", {})
     head = ("run", "σ used", "σ charged", "σ measured", "true ε (PLD, replace-one)", "canaries m", "guesses r",
             "correct v", "ε lower bound", "confidence", "largest possible bound", "claimed ε", "verdict", "time")
-    rows = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in (
-            r.label, f"{r.noise_multiplier:.3f}", f"{r.charged_noise_multiplier:.3f}",
-            f"{r.measured_noise_multiplier:.3f}", f"{r.true_epsilon:.2f}", r.canaries, r.guesses, r.correct,
-            f"{r.eps_lower_bound:.2f}", f"{r.confidence:.0%}", f"{r.max_possible_bound:.2f}",
-            f"{r.claimed_epsilon:g}", "REFUTED" if r.flagged else "not refuted", f"{r.seconds:.0f} s")) + "</tr>"
-        for r in df.itertuples(index=False))
+    rows = [
+        [r.label, f"{r.noise_multiplier:.3f}", f"{r.charged_noise_multiplier:.3f}",
+         f"{r.measured_noise_multiplier:.3f}", f"{r.true_epsilon:.2f}", r.canaries, r.guesses, r.correct,
+         f"{r.eps_lower_bound:.2f}", f"{r.confidence:.0%}", f"{r.max_possible_bound:.2f}",
+         f"{r.claimed_epsilon:g}", "REFUTED" if r.flagged else "not refuted", f"{r.seconds:.0f} s"]
+        for r in df.itertuples(index=False)]
     first = df.iloc[0]
-    note = html.escape(
+    note = (
         f"Node: synthetic hospital {cfg.get('hospital')} (data seed {cfg.get('data_seed')}), the run configuration's "
         f"featurisation, batch size, epochs, lr and clip; q = {first.sample_rate:.4f}, T = {int(first.steps)} steps "
         f"({cfg.get('rounds')} round(s)); δ = {first.delta:g}; {int(first.runs)} training runs of "
         f"{cfg.get('canaries_per_run')} canaries each.")
-    img = ""
-    if png is not None:
-        data = base64.b64encode(Path(png).read_bytes()).decode("ascii")
-        img = f'<img alt="privacy audit: canary scores and ε lower bounds" src="data:image/png;base64,{data}"/>\n'
-    return (
-        '<section id="privacy-audit">\n<h2>Privacy audit: record-level ε lower bound (one-run canaries)</h2>\n'
-        "<p>The node's own DP-SGD (<code>train_dp</code>, Opacus, its clipping, Poisson sampling and σ) trains "
-        "on its examples with m canary slots; each slot holds a canary whose target is shifted up or down by a "
-        "fair coin (a replace-one change of one example). The auditor scores every canary from the model "
-        "iterates and guesses the sign of the r/2 highest and r/2 lowest scores. With v of r guesses correct, "
-        "Steinke, Nasr &amp; Jagielski (2023) give the ε lower bound: the training is not (ε_lb, δ)-DP, at the "
-        "stated confidence. A bound above the claimed ε refutes the claim. The largest possible bound (all r "
-        "guesses correct) is what this sample size can show at most. The control run uses less noise than "
-        "charged and must be refuted: it shows the audit can fail.</p>\n"
-        f"<p>{note}</p>\n"
-        f"<table border=\"1\" cellspacing=\"0\" cellpadding=\"3\"><tr>{''.join(f'<th>{h}</th>' for h in head)}</tr>"
-        f"{rows}</table>\n{img}</section>\n"
-    )
+    return render("privacy_audit_section.html.j2", head=head, rows=rows, note=note,
+                  png=data_uri(png) if png is not None else None)
+
+
+def audit_page(sections: list[str], title: str = "fedalloc privacy audit") -> str:
+    """A standalone HTML document (doctype, <html>, <title>) holding the rendered audit sections."""
+    from simulations.templating import page
+
+    return page(title, sections)
 
 
 def write_privacy_audit(df: pd.DataFrame, out: Path) -> dict[str, Path]:
-    """privacy_audit.csv, privacy_audit.png and privacy_audit.html (a self-contained section) in `out`."""
+    """privacy_audit.csv, privacy_audit.png and privacy_audit.html (a standalone page) in `out`."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"csv": out / "privacy_audit.csv", "png": out / "privacy_audit.png", "html": out / "privacy_audit.html"}
     df.to_csv(paths["csv"], index=False)
     plot_privacy_audit(df, paths["png"])
-    paths["html"].write_text(html_section(df, paths["png"]), encoding="utf-8")
+    paths["html"].write_text(audit_page([html_section(df, paths["png"])]), encoding="utf-8")
     return paths

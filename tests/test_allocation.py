@@ -62,7 +62,8 @@ def test_result_table_and_fairness_shape() -> None:
     assert isinstance(res, AllocationResult)
     assert list(res.table.columns) == ["hospital", "demand", "resources", "weight", "allocation"]
     assert res.table["hospital"].tolist() == ["a", "b"]
-    assert set(res.fairness) == {"gini", "jain", "max_relative_shortfall"}
+    assert set(res.fairness) == {"max_share_gap", "misallocated_share", "min_coverage", "max_relative_shortfall",
+                                 "gini", "jain"}  # issue #12: share gap and coverage vs demand share
     assert res.fairness["gini"] == pytest.approx(0.0)
     assert res.fairness["jain"] == pytest.approx(1.0)
     np.testing.assert_allclose(res.allocation, allocate_array([1, 2], [1, 1], 10, "proportional"))

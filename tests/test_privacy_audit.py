@@ -9,6 +9,7 @@ the honest run and the control together; the whole file ~50 s.
 from __future__ import annotations
 
 import math
+from html.parser import HTMLParser
 
 import numpy as np
 import pytest
@@ -131,6 +132,7 @@ def test_write_privacy_audit(audit, tmp_path):
     html = paths["html"].read_text()
     assert "REFUTED" in html and "not refuted" in html and "largest possible bound" in html
     assert 'src="data:image/png;base64,' in html
+    _assert_standalone_document(html, "fedalloc privacy audit")
 
 
 def test_audit_command(tmp_path):
@@ -147,4 +149,60 @@ def test_audit_command(tmp_path):
     assert res.exit_code == 0, res.output
     assert "Privacy audit" in res.output and "not refuted" in res.output
     assert (tmp_path / "a" / "privacy_audit.csv").exists() and (tmp_path / "a" / "audit.html").exists()
+    page = (tmp_path / "a" / "audit.html").read_text()
+    _assert_standalone_document(page, "fedalloc privacy audit")
+    assert "Privacy audit: record-level ε lower bound" in page and "not refuted" in page
     assert CliRunner().invoke(app, ["--out", str(tmp_path / "b"), "--claimed-epsilon", "0"]).exit_code == 2
+
+
+# ---------------------------------------------------------------------------- the page
+
+
+class _Structure(HTMLParser):
+    """Counts the document-level tags and collects the title text."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.decl: list[str] = []
+        self.tags: dict[str, int] = {}
+        self.title = ""
+        self._in_title = False
+
+    def handle_decl(self, decl: str) -> None:
+        self.decl.append(decl)
+
+    def handle_starttag(self, tag, attrs):
+        self.tags[tag] = self.tags.get(tag, 0) + 1
+        self._in_title = tag == "title"
+
+    def handle_endtag(self, tag):
+        self._in_title = False
+
+    def handle_data(self, data):
+        if self._in_title:
+            self.title += data
+
+
+def _assert_standalone_document(text: str, title: str) -> None:
+    assert text.lstrip().lower().startswith("<!doctype html>"), text[:80]
+    p = _Structure()
+    p.feed(text)
+    assert [d.lower() for d in p.decl] == ["doctype html"]
+    for tag in ("html", "head", "title", "body"):
+        assert p.tags.get(tag) == 1, (tag, p.tags.get(tag))  # one document, not nested fragments
+    assert '<meta charset="utf-8">' in text
+    assert p.title.strip() == title
+    assert text.rstrip().endswith("</html>")
+
+
+def test_audit_page_is_a_standalone_document_and_escapes_its_data():
+    from simulations.privacy_audit import audit_page
+    from simulations.templating import render
+
+    section = render("privacy_audit_section.html.j2", head=["run"], rows=[["<script>x</script>"]],
+                     note="hospital <b>", png=None)
+    assert "&lt;script&gt;" in section and "<script>" not in section and "hospital &lt;b&gt;" in section
+    page = audit_page([section, "<section id=\"second\"><h2>Sanity plot, not an audit</h2></section>"])
+    _assert_standalone_document(page, "fedalloc privacy audit")
+    assert page.index("Privacy audit") < page.index("Sanity plot, not an audit")  # sections kept in order
+    assert page.count("<section") == 2

@@ -21,7 +21,9 @@ def test_simulate_on_flower_ray_engine(tmp_path):
     alloc = pd.read_csv(out.path / "allocations.csv")
     assert alloc.allocation.sum() == pytest.approx(1000.0)
     fc = pd.read_csv(out.path / "forecasts.csv")
-    assert list(fc.columns) == ["hospital", "released_demand", "true_demand", "abs_error"]
+    # issue #12 added the released 80 % interval and the allocation change the released D_i caused
+    assert list(fc.columns) == ["hospital", "released_demand", "demand_lo", "demand_hi", "true_demand", "abs_error",
+                                "alloc_true", "alloc_change"]
     assert (fc.true_demand > 0).all() and (fc.released_demand > 0).all()
     metrics = json.loads((out.path / "metrics.json").read_text())
     assert metrics["status"] == "ok" and metrics["audit_violations"] == []

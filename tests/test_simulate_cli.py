@@ -24,6 +24,16 @@ def test_simulate_on_user_files(sim_data, tmp_path):
     assert alloc.allocation.sum() == pytest.approx(120)
     fc = pd.read_csv(tmp_path / "mine" / "forecasts.csv")
     assert (fc.true_demand > 0).all()
+    # what the released (noisy) D_i moved: the seed policy on the true D_i, same resources and total
+    from core.allocation import allocate_array
+
+    res_i = alloc.set_index("hospital").loc[fc.hospital, "resources"].to_numpy()
+    expected = allocate_array(fc.true_demand.to_numpy(), res_i, 120.0, "seed")
+    assert fc.alloc_true.to_numpy() == pytest.approx(expected)
+    assert fc.alloc_change.to_numpy() == pytest.approx(
+        alloc.set_index("hospital").loc[fc.hospital, "allocation"].to_numpy() - expected)
+    assert fc.alloc_change.sum() == pytest.approx(0, abs=1e-9)
+    assert (fc.demand_lo <= fc.released_demand).all() and (fc.released_demand <= fc.demand_hi).all()
 
 
 def test_bad_node_file_is_named_and_nothing_runs(sim_data, tmp_path):

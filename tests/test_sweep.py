@@ -178,6 +178,139 @@ def test_report_renders(sweep, tmp_path):
         assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+class _Page(HTMLParser):
+    """The report's tables (rows of cell texts), headline text and figure captions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables: list[list[list[str]]] = []
+        self.headline = ""
+        self.captions: list[str] = []
+        self.title = ""
+        self._cell: list[str] | None = None
+        self._where: str | None = None
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "table":
+            self.tables.append([])
+        elif tag == "tr" and self.tables:
+            self.tables[-1].append([])
+        elif tag in ("td", "th"):
+            self._cell = []
+        elif a.get("id") == "headline" or tag in ("figcaption", "title"):
+            self._where = "headline" if a.get("id") == "headline" else tag
+            if tag == "figcaption":
+                self.captions.append("")
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th") and self._cell is not None:
+            self.tables[-1][-1].append("".join(self._cell).strip())
+            self._cell = None
+        elif tag in ("p", "figcaption", "title"):
+            self._where = None
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell.append(data)
+        if self._where == "headline":
+            self.headline += data
+        elif self._where == "figcaption":
+            self.captions[-1] += data
+        elif self._where == "title":
+            self.title += data
+
+
+def _page(sweep) -> _Page:
+    p = _Page()
+    p.feed((sweep.path / "report.html").read_text())
+    return p
+
+
+def test_report_headline_states_the_measured_numbers(sweep):
+    """Recomputed here from sweep.csv and per_hospital.csv, not through the report's own helpers:
+    without federated_dp the headline is about local_dp at its largest finite ε (1 here)."""
+    t, per = sweep.table, sweep.per_hospital
+    rel = t[(t.method == "local_dp") & (t.epsilon == 1.0) & (t.metric == "rel_mae")].value.mean()
+    pct = 100 * (1 - rel)
+
+    def moved(method: str, eps: float) -> float:
+        sel = per[(per.method == method) & (per.epsilon == eps)]
+        return np.mean([0.5 * np.abs(g.alloc_pred_seed - g.alloc_true_seed).sum()
+                        for _, g in sel.groupby(["seed", "origin"])])
+
+    naive = min(moved("seasonal_naive", math.inf), moved("last_value", math.inf))
+    text = " ".join(_page(sweep).headline.split())
+    assert text.startswith("At ε = 1 per hospital, local-only DP forecasts"), text
+    assert f"{abs(pct):.0f} % {'lower' if pct >= 0 else 'higher'} error than the better naive forecast" in text
+    assert f"relative MAE {rel:.2f}" in text and "mean of 2 backtest forecasts" in text
+    assert f"Allocating 1,000 units by the seed policy, {moved('local_dp', 1.0):.1f} units go to a different" in text
+    assert f"(better naive forecast: {naive:.1f})" in text
+    assert "the smallest hospital's allocation changes by" in text  # 3 hospitals: one is "the smallest"
+
+
+def test_report_shows_each_method_once_with_captions(sweep):
+    page = _page(sweep)
+    assert page.title.strip() == "fedalloc privacy–utility sweep"
+    methods = page.tables[0]
+    assert methods[0][:3] == ["method", "ε", "relative MAE"]
+    keys = [(row[0], row[1]) for row in methods[1:]]
+    assert len(keys) == len(set(keys))
+    # 7 (method, ε) results, local_dp at ε = ∞ is the local baseline: 6 rows, local-only at ∞ once
+    assert len(keys) == 6
+    assert [k for k in keys if k[0].startswith("local-only") and k[1] == "∞"] == [("local-only (no DP)", "∞")]
+    # every figure has a real caption: what it shows and how to read it
+    assert len(page.captions) >= 4
+    for caption in page.captions:
+        assert len(caption.split()) >= 20, caption
+
+
+def test_report_one_cell_shows_no_plus_minus(sweep):
+    from simulations.report import detail_rows, main_rows
+
+    one = sweep.table[sweep.table.origin == ORIGINS[-1]]  # 1 seed × 1 origin
+    for head, rows in (main_rows(one, 1000.0), detail_rows(one)):
+        cells = [c for row in rows for c in row]
+        assert cells and not [c for c in cells if "±" in c], rows
+    _, rows = main_rows(sweep.table, 1000.0)  # 2 cells: the spread is shown
+    assert any("±" in c for row in rows for c in row)
+
+
+def test_robust_axis_marks_diverged_points_instead_of_scaling(tmp_path):
+    from simulations.report import plot_privacy_utility, robust_top
+
+    assert robust_top([0.8, 0.9, 1.0, 1.1, 1e9]) < 3  # a diverged value does not set the axis
+    assert robust_top([0.8, 0.9, 1.0, 1.1, math.inf, math.nan]) == pytest.approx(1.1)
+    assert robust_top([0.2, 0.3], keep=[1.0]) == 1.0  # the naive reference stays in view
+    assert robust_top([1.056, 1.469, 0.814, 0.764, 0.786, 1.192, 0.819, 0.937, 0.797]) == 1.469  # no cut
+    assert robust_top([]) is None
+    rows = [{"seed": 0, "origin": "o", "epsilon": e, "method": m, "metric": metric, "value": v}
+            for metric in ("rel_mae", "alloc_error_seed")
+            for m, e, v in (("seasonal_naive", math.inf, 1.0), ("last_value", math.inf, 1.3),
+                            ("federated_dp", 1.0, 1e9), ("federated_dp", 3.0, 0.8), ("federated_dp", math.inf, 0.7))]
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    seen = []
+    real_savefig = plt.Figure.savefig
+
+    def spy(fig, *args, **kwargs):
+        seen.extend(ax.get_ylim()[1] for ax in fig.axes)
+        seen.extend(t.get_text() for ax in fig.axes for t in ax.texts)
+        return real_savefig(fig, *args, **kwargs)
+
+    plt.Figure.savefig = spy
+    try:
+        plot_privacy_utility(pd.DataFrame(rows), tmp_path / "pu.png")
+    finally:
+        plt.Figure.savefig = real_savefig
+    tops = [v for v in seen if isinstance(v, float)]
+    assert tops and max(tops) < 3  # the axis shows 0.7–1.3, not 1e9
+    assert "1e+09" in seen  # the diverged point is labelled with its value
+
+
 def test_seasonal_naive_uses_exactly_last_years_weeks():
     # 110 weeks × 2 groups; each cell encodes its week index so the chosen rows are identifiable
     idx = pd.date_range("2023-01-02", periods=110, freq="W-MON")
