@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
 from filelock import FileLock
 
+from core.atomic import atomic_write_bytes
 from client.accounting import (ADD_REMOVE, DPSGD, REPLACE_ONE, Mechanism, MechanismLike, epsilon, has_state,
                                history_key, load_state, save_state)
 
@@ -36,7 +35,7 @@ FORMAT = "fedalloc-ledger/2"
 READABLE = ("fedalloc-ledger/1", FORMAT)
 ACCOUNTANT = "pld"
 
-__all__ = ["Ledger", "LedgerError", "BudgetExceeded", "Mechanism", "compute_epsilon", "atomic_write_bytes"]
+__all__ = ["Ledger", "LedgerError", "BudgetExceeded", "Mechanism", "compute_epsilon"]
 
 
 class LedgerError(RuntimeError):
@@ -325,24 +324,3 @@ def _write_marker(marker: Path, node: str, ledger: Path, created: str) -> None:
 
 def _atomic_write(path: Path, data: dict[str, Any]) -> None:
     atomic_write_bytes(path, json.dumps(data, indent=1).encode())
-
-
-def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    """Write `payload` to `path` so a crash leaves either the old or the new file, durably."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(payload)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)

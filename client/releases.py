@@ -21,7 +21,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from client.ledger import atomic_write_bytes
+from core.atomic import atomic_write_bytes
 
 
 def fingerprint(arrays: Mapping[str, np.ndarray]) -> str:

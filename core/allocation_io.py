@@ -14,14 +14,13 @@ never needs.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Collection
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from core.atomic import atomic_write_text
 from core.tables import Problems, TableError, TableProblem, numeric, read_text_table, unique_names
 
 REQUIRED_COLUMNS: tuple[str, ...] = ("hospital", "demand", "resources")
@@ -107,13 +106,5 @@ def read_demand_csv(
 
 def write_allocation_csv(table: pd.DataFrame, path: str | os.PathLike[str]) -> None:
     """Write the allocation table atomically: a reader never sees a half-written file."""
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent or ".")
-    try:
-        with os.fdopen(fd, "w", newline="") as fh:
-            # One "\n" after every row, the last included, on every platform.
-            table.to_csv(fh, index=False, lineterminator="\n")
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # One "\n" after every row, the last included, on every platform.
+    atomic_write_text(path, table.to_csv(index=False, lineterminator="\n"))

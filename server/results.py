@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
@@ -11,6 +12,8 @@ import numpy as np
 import pandas as pd
 from flwr.app import Array, ArrayRecord
 
+from core.atomic import atomic_write_bytes, atomic_write_text
+
 
 def run_dir(results_dir: str, run_name: str) -> Path:
     path = Path(results_dir).expanduser().resolve() / run_name
@@ -19,9 +22,9 @@ def run_dir(results_dir: str, run_name: str) -> Path:
 
 
 def save_arrays(path: Path, arrays: ArrayRecord) -> None:
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **{k: a.numpy() for k, a in arrays.items()})
-    tmp.replace(path)
+    buf = io.BytesIO()
+    np.savez(buf, **{k: a.numpy() for k, a in arrays.items()})
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def commit_round(run_path: Path, round_: int, arrays: ArrayRecord, state: dict[str, Any]) -> None:
@@ -60,9 +63,7 @@ def load_arrays(path: Path) -> ArrayRecord:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=_jsonable))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(obj, indent=2, default=_jsonable))
 
 
 def rounds_frame(rounds: list[dict[str, Any]]) -> pd.DataFrame:
