@@ -145,13 +145,13 @@ def run_federation(grid: Grid, run: RunSettings, workflow: Workflow | None = Non
     t0 = time.monotonic()
     nodes: list[int] = []
     try:
-        if run.resources_file:
-            read_resources(run.resources_file)  # a bad file fails the run before any node spends ε
+        # Read once, up front: a bad file fails the run before any node spends ε.
+        resources = read_resources(run.resources_file) if run.resources_file else None
         nodes = wait_for_nodes(grid, workflow.min_nodes(run), run.round_timeout)
         if rounds.offset < run.num_server_rounds:
             arrays = workflow.train(grid, run, arrays, nodes, rounds)
         replies = predict_round(grid, arrays, ConfigRecord(run.node_config()), run.round_timeout)
-        out.allocations, out.fairness, out.epsilon = allocate_released(run, replies)
+        out.allocations, out.fairness, out.epsilon = allocate_released(run, replies, resources)
     except (RoundFailed, ValueError) as exc:
         out.error = str(exc)
         log.error("run %s failed: %s", name, exc)
@@ -222,11 +222,14 @@ def quantile_args(run: RunSettings, released: pd.DataFrame) -> dict[str, Any]:
     return {"quantile": 0.1, "demand_std": (d - released.demand_lo.to_numpy()) / Z90}
 
 
-def allocate_released(run: RunSettings, replies: list[Message]) -> tuple[pd.DataFrame, dict[str, float], dict[str, float]]:
-    """(allocation table, fairness, ε per hospital) from the predict round's replies."""
+def allocate_released(run: RunSettings, replies: list[Message], resources: dict[str, float] | None = None,
+                      ) -> tuple[pd.DataFrame, dict[str, float], dict[str, float]]:
+    """(allocation table, fairness, ε per hospital) from the predict round's replies; `resources`
+    as read by `read_resources(run.resources_file)` (read here if not given)."""
     released = released_demand(run, replies)
-    if run.resources_file:
+    if resources is None and run.resources_file:
         resources = read_resources(run.resources_file)
+    if resources is not None:
         missing = sorted(set(released.hospital) - set(resources))
         if missing:
             raise ValueError(f"{run.resources_file}: no resources for hospital(s) {', '.join(missing)}")
