@@ -1,7 +1,7 @@
 """Wall time and peak memory of a whole DP federation for 10, 100, 1,000 simulated hospitals.
 
     /work/venv/bin/python benchmarks/bench_scaling.py [--sizes 10 100 1000] [--rounds 10 10 2]
-        [--engines inprocess ray] [--ray-max 100] [--limit 600] [--out DIR]
+        [--engines inprocess ray] [--workers 1 2] [--ray-max 100] [--limit 600] [--out DIR]
 
 Each (engine, size) runs `simulations.driver.simulate(hospitals=N, rounds=R, epsilon=3, engine=…)`
 (synthetic data generation, DP-SGD rounds with ledger and calibration, audit, D_i release,
@@ -17,6 +17,9 @@ allocation, result files) in its own subprocess, so memory is per size. Reported
 
 A size that runs past `--limit` seconds is killed (the child and every descendant, by PID) and
 reported as "stopped" with the phase it was in. Ray runs only for sizes ≤ `--ray-max`.
+
+`--workers 1 2` runs each in-process size once per pool size, back to back (`simulate(workers=N)`:
+the nodes in N worker processes; the tree peak then includes the workers and Python's forkserver).
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-def _child(engine: str, hospitals: int, rounds: int, work: Path) -> None:
+def _child(engine: str, hospitals: int, rounds: int, work: Path, workers: int = 1) -> None:
     from simulations.driver import _quiet_logs
 
     _quiet_logs()
@@ -72,7 +75,7 @@ def _child(engine: str, hospitals: int, rounds: int, work: Path) -> None:
 
     drv.true_demand = timed_truth
     out = drv.simulate(hospitals=hospitals, rounds=rounds, epsilon=3.0, engine=engine, results_dir=str(work),
-                       run_name=f"{engine}-{hospitals}", on_round=lambda r, n, rec: mark(f"round-{r}"))
+                       run_name=f"{engine}-{hospitals}", on_round=lambda r, n, rec: mark(f"round-{r}"), workers=workers)
     wall = time.perf_counter() - t0
     self_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     child_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
@@ -109,8 +112,8 @@ def _rss(pid: int) -> int:
         return 0
 
 
-def run_size(engine: str, hospitals: int, rounds: int, limit: float, work: Path) -> dict:
-    cmd = [sys.executable, __file__, "--child", engine, str(hospitals), str(rounds), str(work)]
+def run_size(engine: str, hospitals: int, rounds: int, limit: float, work: Path, workers: int = 1) -> dict:
+    cmd = [sys.executable, __file__, "--child", engine, str(hospitals), str(rounds), str(work), str(workers)]
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_DEDUP_LOGS": "1"}
     t = time.perf_counter()
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=str(ROOT))
@@ -134,7 +137,7 @@ def run_size(engine: str, hospitals: int, rounds: int, limit: float, work: Path)
             break
         time.sleep(0.5)
     time.sleep(0.3)
-    res: dict = {"engine": engine, "hospitals": hospitals, "rounds": rounds, "status": status,
+    res: dict = {"engine": engine, "hospitals": hospitals, "rounds": rounds, "workers": workers, "status": status,
                  "process_s": time.perf_counter() - t, "tree_peak_mib": peak / 2**20, "tree_peak_procs": peak_procs}
     phases = [(float(ln.split()[1]), ln.split()[2]) for ln in lines if ln.startswith("PHASE ")]
     res["phases"] = phases
@@ -167,14 +170,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[10, 100, 1000])
     ap.add_argument("--rounds", type=int, nargs="+", default=[10, 10, 2], help="one value, or one per size")
     ap.add_argument("--engines", nargs="+", default=["inprocess", "ray"])
+    ap.add_argument("--workers", type=int, nargs="+", default=[1], help="in-process pool sizes to run, back to back")
     ap.add_argument("--ray-max", type=int, default=100, help="largest size run on Ray")
     ap.add_argument("--limit", type=float, default=600.0, help="seconds per (engine, size)")
     ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    ap.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        e, n, r, w = args.child
-        _child(e, int(n), int(r), Path(w))
+        e, n, r, w, k = args.child
+        _child(e, int(n), int(r), Path(w), int(k))
         return
     rounds = args.rounds if len(args.rounds) == len(args.sizes) else [args.rounds[0]] * len(args.sizes)
     out = args.out or Path(tempfile.mkdtemp(prefix="bench-scaling-"))
@@ -184,16 +188,17 @@ def main(argv: list[str] | None = None) -> None:
         for n, r in zip(args.sizes, rounds):
             if engine == "ray" and n > args.ray_max:
                 continue
-            res = run_size(engine, n, r, args.limit, out / f"{engine}-{n}")
-            results.append(res)
-            print(json.dumps({k: v for k, v in res.items() if k != "phases"}), flush=True)
-            (out / "results.json").write_text(json.dumps(results, indent=1))
-    print("\n| engine | hospitals × rounds | status | wall s | data gen s | round 1 s | later round s (mean) | "
+            for nw in args.workers if engine == "inprocess" else [1]:
+                res = run_size(engine, n, r, args.limit, out / f"{engine}-{n}-w{nw}", nw)
+                results.append(res)
+                print(json.dumps({k: v for k, v in res.items() if k != "phases"}), flush=True)
+                (out / "results.json").write_text(json.dumps(results, indent=1))
+    print("\n| engine (workers) | hospitals × rounds | status | wall s | data gen s | round 1 s | later round s (mean) | "
           "after rounds s | child maxrss MiB | tree peak MiB (procs) | max ε |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         st = r["status"] if r["status"] == "done" else f"{r['status']} (in {r['last_phase']})"
-        print(f"| {r['engine']} | {r['hospitals']} × {r['rounds']} | {st} | {_fmt(r.get('wall'))} | {_fmt(r.get('gen_s'))} | "
+        print(f"| {r['engine']} ({r['workers']}) | {r['hospitals']} × {r['rounds']} | {st} | {_fmt(r.get('wall'))} | {_fmt(r.get('gen_s'))} | "
               f"{_fmt(r.get('round1_s'))} | {_fmt(r.get('later_round_s'))} | {_fmt(r.get('after_rounds_s'))} | "
               f"{_fmt(r.get('maxrss_self_mib'), '{:.0f}')} | {r['tree_peak_mib']:.0f} ({r['tree_peak_procs']}) | "
               f"{_fmt(r.get('max_epsilon'), '{:.3f}')} |")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import secrets
 import warnings
@@ -10,14 +11,20 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset
 
 from forecasting.features import Examples
+from forecasting.model import SCALE_LIMIT, LagMix
 from core.run_config import StepPlan, plan_steps  # noqa: F401  (re-exported for callers)
 
 
 # Bound on the forecaster's log1p outputs: e^30 ≈ 10^13 is far above any hospital's demand.
 LOG_BOUND = 30.0
+# Opacus per-sample gradient mode. "hooks" with LagMix's closed-form grad sampler registered was the
+# fastest (benchmarks/RESULTS.md, "DP-SGD step"): "functorch" runs a vmap per layer per step, "ew"
+# rejects the group embedding's 1-D input, and "ghost" was slower and never stores per-sample
+# gradients, so zero_nonfinite_samples could not zero a non-finite one before clipping.
+GRAD_SAMPLE_MODE = "hooks"
 
 
 def train_dp(
@@ -60,19 +67,17 @@ def entropy_generator(seed: int | None = None) -> torch.Generator:
 
 def _train(model: nn.Module, ex: Examples, noise_multiplier: float | None, max_grad_norm: float,
            batch_size: int, epochs: int, lr: float, seed: int | None) -> StepPlan:
-    data = TensorDataset(
-        torch.from_numpy(ex.x_log), torch.from_numpy(ex.group), torch.from_numpy(ex.season), torch.from_numpy(ex.y_log)
-    )
+    data = ExampleTensors(torch.from_numpy(ex.x_log), torch.from_numpy(ex.group), torch.from_numpy(ex.season),
+                          torch.from_numpy(ex.y_log))
     gen = entropy_generator(seed)
     noise_gen = entropy_generator(None if seed is None else seed + 1)
-    loader = DataLoader(data, batch_size=batch_size, shuffle=True, generator=gen)
+    loader = DataLoader(data, batch_size=batch_size, shuffle=True, generator=gen, collate_fn=_rows_to_batch)
     # Plain SGD: momentum accumulates DP noise across steps, and with 0.9 single-hospital DP
     # training diverged (benchmarks/RESULTS.md, "Training defaults").
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     train_model: nn.Module = model
     if noise_multiplier is not None:
-        from opacus import PrivacyEngine
-
+        PrivacyEngine = _opacus_engine()
         with warnings.catch_warnings():
             # Opacus warns that secure RNG is off; fine for research, documented in README.
             warnings.simplefilter("ignore")
@@ -85,6 +90,7 @@ def _train(model: nn.Module, ex: Examples, noise_multiplier: float | None, max_g
                 max_grad_norm=max_grad_norm,
                 poisson_sampling=True,
                 noise_generator=noise_gen,
+                grad_sample_mode=GRAD_SAMPLE_MODE,
             )
     loss_fn = nn.MSELoss()
     train_model.train()
@@ -122,12 +128,77 @@ def zero_nonfinite_samples(model: nn.Module) -> None:
     grads = [p.grad_sample for p in model.parameters() if getattr(p, "grad_sample", None) is not None]
     if not grads:
         return
-    ok = torch.ones(grads[0].shape[0], dtype=torch.bool)
-    for gs in grads:
-        ok &= torch.isfinite(gs.reshape(gs.shape[0], -1)).all(dim=1)
+    n = grads[0].shape[0]
+    # One check over all samples first: the common all-finite case then costs a few tensor ops.
+    ok = torch.isfinite(torch.cat([gs.reshape(n, -1) for gs in grads], dim=1)).all(dim=1)
     if not bool(ok.all()):
         for gs in grads:
             gs[~ok] = 0.0
+
+
+class ExampleTensors(Dataset):
+    """The examples as four tensors; a batch is fetched with one index per tensor.
+
+    Same rows as a TensorDataset (Opacus's DPDataLoader samples the indices, Poisson); torch's
+    DataLoader calls `__getitems__` once per batch instead of indexing and collating row by row.
+    """
+
+    def __init__(self, *tensors: torch.Tensor) -> None:
+        self.tensors = tensors
+
+    def __len__(self) -> int:
+        return len(self.tensors[0])
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
+        return tuple(t[i] for t in self.tensors)
+
+    def __getitems__(self, indices: list[int]) -> "_Rows":
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return _Rows(tuple(t[idx] for t in self.tensors))
+
+
+class _Rows:
+    """A fetched batch; its len() is the number of rows, which Opacus's empty-batch collate checks."""
+
+    def __init__(self, tensors: tuple[torch.Tensor, ...]) -> None:
+        self.tensors = tensors
+
+    def __len__(self) -> int:
+        return len(self.tensors[0])
+
+
+def _rows_to_batch(rows: _Rows) -> tuple[torch.Tensor, ...]:
+    return rows.tensors
+
+
+def lagmix_grad_sample(layer: LagMix, activations: list[torch.Tensor], backprops: torch.Tensor) -> dict:
+    """Per-sample gradients of LagMix in closed form (an Opacus grad sampler, "hooks" mode).
+
+    out_n = s · a_n with a_n = Σ_j w_j z_nj, w = softmax(logits), s = exp(clamp(log_scale)), so
+    ∂out_n/∂logits_k = s · w_k · (z_nk − a_n) and ∂out_n/∂log_scale = s · a_n (0 where the clamp
+    binds, as torch's clamp backward). Without it Opacus runs a functorch vmap for this layer on
+    every step (most of a DP step's cost). tests/test_dp_step_modes.py checks it against Opacus's
+    functorch per-sample gradients: same gradients, so the same clipping and sensitivity.
+    """
+    z = activations[0]
+    b = backprops.reshape(-1, 1)
+    log_scale = layer.log_scale.detach()
+    scale = torch.exp(log_scale.clamp(-SCALE_LIMIT, SCALE_LIMIT))
+    w = torch.softmax(layer.logits.detach(), dim=0)
+    a = (z * w).sum(dim=1, keepdim=True)
+    inside = (log_scale >= -SCALE_LIMIT) & (log_scale <= SCALE_LIMIT)
+    g_scale = torch.where(inside, b * a * scale, torch.zeros((), dtype=z.dtype))
+    return {layer.logits: (b * scale) * w * (z - a), layer.log_scale: g_scale}
+
+
+@functools.cache
+def _opacus_engine() -> type:
+    """Opacus's PrivacyEngine, with LagMix's grad sampler registered (once per process)."""
+    from opacus import PrivacyEngine
+    from opacus.grad_sample import register_grad_sampler
+
+    register_grad_sampler(LagMix)(lagmix_grad_sample)
+    return PrivacyEngine
 
 
 @torch.no_grad()

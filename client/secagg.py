@@ -39,9 +39,9 @@ log = logging.getLogger("fedalloc.node")
 
 def model_keys(run: RunSettings) -> list[str]:
     """The global model's state-dict keys, in the order the legacy parameter list uses."""
-    from forecasting.model import build_model
+    from forecasting.model import model_for
 
-    return list(build_model(run.lags, run.horizon, len(run.group_list)).state_dict().keys())
+    return list(model_for(run).state_dict().keys())
 
 
 def _guard_mod(msg: Message, context: Context, call_next: Any) -> Message:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 import pandas as pd
@@ -22,7 +23,7 @@ from core.protocol import DEMAND_HI, DEMAND_LO, DEMAND_MEDIAN
 from client.ledger import BudgetExceeded, Ledger
 from client.limits import OutsidePlan, check_global_model
 from client.releases import ReleaseStore, fingerprint
-from forecasting.model import build_model
+from forecasting.model import build_model, model_for
 from client.node import NodeSettings, open_ledger, series_for
 from core.run_config import RunSettings
 from core.series import cell_sensitivity
@@ -47,9 +48,15 @@ def run_key(run: RunSettings, run_id: str) -> str:
 
 
 def check_model(state: dict[str, torch.Tensor], run: RunSettings) -> None:
-    expected = {k: (tuple(v.shape), str(v.numpy().dtype))
-                for k, v in build_model(run.lags, run.horizon, len(run.group_list)).state_dict().items()}
+    expected = _expected_arrays(run.model, run.lags, run.horizon, len(run.group_list), run.period)
     check_global_model({k: v.numpy() for k, v in state.items()}, expected, run.weight_bound)
+
+
+@lru_cache(maxsize=32)
+def _expected_arrays(kind: str, lags: int, horizon: int, n_groups: int, period: str) -> dict[str, tuple]:
+    """Names, shapes and dtypes of the run's model (public; built once per shape, not per message)."""
+    model = build_model(lags, horizon, n_groups, period=period, kind=kind)
+    return {k: (tuple(v.shape), str(v.numpy().dtype)) for k, v in model.state_dict().items()}
 
 
 def check_limits(run: RunSettings, node: NodeSettings) -> None:
@@ -119,7 +126,7 @@ def train_task(
         eps = ledger.charge([Mechanism(plan.train_sigma, plan.sample_rate, plan.steps_per_round, TRAIN,
                                        sensitivity=run.clip_norm)],
                             run=key, purpose=f"train round {server_round}", round_=server_round, run_id=run_id)
-    model = build_model(run.lags, run.horizon, len(run.group_list))
+    model = model_for(run)
     model.load_state_dict(global_state)
     used = train_dp(
         model,
@@ -202,18 +209,18 @@ def predict_task(
         noisy = release_window(window, run.release_blocks, rel_sigma * sens, rng)
         store.put_window(noisy, {"epsilon": eps})
     first_target = series.index[-1] + (series.index[-1] - series.index[-2])
-    model = build_model(run.lags, run.horizon, len(run.group_list))
+    model = model_for(run)
     model.load_state_dict(global_state)
     counts = predict_counts(model, *forecast_inputs(noisy, first_target))  # (G, horizon)
     per_group = counts.sum(axis=1)
     out = {"demand": float(per_group.sum()), "epsilon": eps, "release-noise": rel_sigma * sens}
     out.update({f"demand-{g}": float(v) for g, v in zip(run.group_list, per_group)})
-    out.update(demand_interval(model, run, out["demand"], first_target, rel_sigma * sens))
+    out.update(demand_interval(model, run, out["demand"], first_target, rel_sigma * sens, noisy))
     return out
 
 
 def demand_interval(model: torch.nn.Module, run: RunSettings, demand: float, first_target: pd.Timestamp,
-                    release_std: float) -> dict[str, float]:
+                    release_std: float, released_window: np.ndarray) -> dict[str, float]:
     """The 80 % interval and median of D_i (forecasting/intervals.py), at no extra ε.
 
     Privacy: inputs are the released D_i (itself computed from the stored noisy window), the global
@@ -222,6 +229,6 @@ def demand_interval(model: torch.nn.Module, run: RunSettings, demand: float, fir
     nodes with equal released windows get equal intervals (tests/test_intervals.py).
     """
     cal = public_calibration(model, run)
-    var = release_variance(model, first_target, model.n_groups, run.release_blocks, release_std)
+    var = release_variance(model, first_target, model.n_groups, run.release_blocks, release_std, released_window)
     iv = interval(demand, var, cal)
     return {DEMAND_LO: iv.lo, DEMAND_MEDIAN: iv.median, DEMAND_HI: iv.hi}

@@ -19,6 +19,7 @@ Pure pandas/numpy: imported by nodes, coordinators and researchers alike.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import gzip
 import io
@@ -211,13 +212,81 @@ def _csv_layout(path: Path, file: str) -> tuple[int, list[int]]:
     return width, lines
 
 
+def _read_bytes(path: Path) -> bytes:
+    """The file's bytes (decompressed), checked to be UTF-8 as the csv pass would check them."""
+    with (gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")) as fh:
+        data = fh.read()
+    data.decode("utf-8-sig")  # the UnicodeDecodeError the text-mode csv pass would raise
+    return data[len(codecs.BOM_UTF8):] if data.startswith(codecs.BOM_UTF8) else data
+
+
+def _simple_layout(data: bytes, file: str) -> tuple[list[int], bool] | None:
+    """What :func:`_csv_layout` returns for ``data`` without a Python loop over its records, or
+    None when the file needs the csv module: quotes (records spanning lines), NUL or bare CR
+    bytes, or a record wider than the header (its problem message comes from the csv pass).
+
+    Without quotes a record is one physical line and its fields are its commas + 1, so line
+    numbers and widths follow from the positions of newlines and commas. Only lines without a
+    comma can be blank (csv: no fields, or one whitespace-only field); those few are decoded.
+    The flag says the file is a plain grid (see :func:`_parse_csv`).
+    """
+    if b'"' in data or b"\0" in data or (b"\r" in data and data.count(b"\r") != data.count(b"\r\n")):
+        return None
+    buf = np.frombuffer(data, dtype=np.uint8)
+    ends = np.flatnonzero(buf == ord("\n"))
+    if len(data) and data[-1:] != b"\n":
+        ends = np.append(ends, len(data))  # a last line without a newline
+    starts = np.concatenate(([0], ends + 1))[: len(ends)].astype(np.int64)
+    commas = np.flatnonzero(buf == ord(","))
+    n_commas = np.searchsorted(commas, ends) - np.searchsorted(commas, starts)
+    blank = np.zeros(len(ends), dtype=bool)
+    for i in np.flatnonzero(n_commas == 0):
+        blank[i] = data[starts[i]:ends[i]].decode("utf-8").strip() == ""
+    records = np.flatnonzero(~blank)
+    if len(records) == 0:
+        raise RecordsError([Problem(file, None, None, "empty file (no header)")])
+    header, rows = records[0], records[1:]
+    if (n_commas[rows] > n_commas[header]).any():
+        return None
+    grid = (len(rows) > 0 and len(records) == len(ends) and bool((n_commas[rows] == n_commas[header]).all())
+            and _plain_header(data[starts[header]:ends[header]]))
+    return (rows + 1).tolist(), grid  # 1-based physical line numbers
+
+
+def _plain_header(line: bytes) -> bool:
+    names = line.decode("utf-8").rstrip("\r").split(",")
+    return all(names) and len(set(names)) == len(names)
+
+
+def _parse_csv(data: bytes, grid: bool) -> pd.DataFrame:
+    """pandas' C parser, or for a plain grid its pyarrow engine (several times faster).
+
+    A plain grid (no quotes, no blank line, every row as wide as the header, header names
+    unique and non-empty) is where the two engines give the same frame: the same strings, the
+    same cells missing (pandas hands its NA spellings to pyarrow); tests/test_records_fast_path.py
+    compares them. Anything else, or pyarrow missing or failing, takes the C parser.
+    """
+    kwargs = {"dtype": str, "encoding": "utf-8-sig"}
+    if grid:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return pd.read_csv(io.BytesIO(data), engine="pyarrow", **kwargs)
+        except Exception:  # noqa: BLE001  (ImportError, or any pyarrow parse error: the C parser decides)
+            pass
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", pd.errors.ParserWarning)
+        return pd.read_csv(io.BytesIO(data), index_col=False, **kwargs)
+
+
 def _read_csv(path: Path, file: str) -> pd.DataFrame:
-    _, lines = _csv_layout(path, file)
+    data = _read_bytes(path)
+    layout = _simple_layout(data, file)
+    lines, grid = (_csv_layout(path, file)[1], False) if layout is None else layout
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", pd.errors.ParserWarning)
-            # dtype=str: validation decides what is numeric, and ids keep leading zeros.
-            df = pd.read_csv(path, dtype=str, index_col=False, encoding="utf-8-sig")
+        # dtype=str: validation decides what is numeric, and ids keep leading zeros. The bytes
+        # read above (BOM removed, already decompressed) are parsed, not the file again.
+        df = _parse_csv(data, grid)
     except pd.errors.EmptyDataError as exc:
         raise RecordsError([Problem(file, None, None, "empty file (no header)")]) from exc
     except pd.errors.ParserError as exc:
@@ -256,7 +325,10 @@ def parse_dates(col: pd.Series) -> pd.Series:
     swap would corrupt the series. Time zones are dropped (the local wall-clock date counts).
     Unparsable values and dates outside :data:`DATE_RANGE` become NaT.
     """
-    parsed = _parse_dates_unbounded(col)
+    return _bounded(_parse_dates_unbounded(col))
+
+
+def _bounded(parsed: pd.Series) -> pd.Series:
     return parsed.where(_in_date_range(parsed)).astype("datetime64[ns]")
 
 
@@ -272,6 +344,10 @@ def _parse_dates_unbounded(col: pd.Series) -> pd.Series:
     if not (col.dtype == object or pd.api.types.is_string_dtype(col.dtype)):
         # Numbers are not dates (an Excel serial or epoch would be a guess).
         return pd.Series(pd.NaT, index=col.index, dtype="datetime64[ns]")
+    return _per_distinct(col, _parse_date_text)
+
+
+def _parse_date_text(col: pd.Series) -> pd.Series:
     text = col.astype("str").str.strip()
     try:
         parsed = pd.to_datetime(text, format="ISO8601", errors="coerce")
@@ -281,6 +357,33 @@ def _parse_dates_unbounded(col: pd.Series) -> pd.Series:
         # Mixed time-zone offsets: parse each value on its own.
         parsed = pd.to_datetime(text.map(_parse_one_date))
     return parsed
+
+
+_SAMPLE = 1000
+
+
+def _per_distinct(col: pd.Series, convert: Callable[[pd.Series], pd.Series]) -> pd.Series:
+    """``convert(col)`` for an elementwise ``convert``, computed once per distinct value.
+
+    A records file repeats few values in its date, stay and age columns (a thousand dates in
+    70,000 rows), and parsing text is most of the cost of validating it. Only for text columns
+    (every value a str or missing): in an object column 1, 1.0 and True are one hash key but
+    not one text. The distinct values are the same set whatever their count, so the result's
+    dtype (int or float, the date unit) is the one ``convert(col)`` would infer.
+    """
+    if not isinstance(col.dtype, pd.StringDtype) or len(col) < 2:
+        return convert(col)
+    if len(col) > 2 * _SAMPLE and col.iloc[:_SAMPLE].nunique() > _SAMPLE // 2:
+        return convert(col)  # mostly distinct (costs, ids): hashing them first would only add time
+    codes, uniques = pd.factorize(col)
+    if len(uniques) == 0 or len(uniques) > len(col) // 2:
+        return convert(col)
+    values = convert(pd.Series(uniques, dtype=col.dtype)).to_numpy()
+    missing = codes < 0
+    taken = values[np.where(missing, 0, codes)]
+    if missing.any():
+        taken[missing] = np.datetime64("NaT") if taken.dtype.kind == "M" else np.nan
+    return pd.Series(taken, index=col.index, name=col.name)
 
 
 def _parse_one_date(value: object) -> pd.Timestamp:
@@ -296,7 +399,38 @@ def _numeric(col: pd.Series) -> pd.Series:
         return pd.Series(np.nan, index=col.index)  # True/False is not a count of days
     if pd.api.types.is_numeric_dtype(col.dtype):
         return col.astype("float64")
+    return _per_distinct(col, _text_to_float)
+
+
+def _text_to_float(col: pd.Series) -> pd.Series:
     return pd.to_numeric(col.astype("str").str.strip(), errors="coerce").astype("float64")
+
+
+class _Columns:
+    """Each column's missing mask, numbers, dates and stripped text, computed once: validation
+    and typing of the same raw frame need the same conversions."""
+
+    def __init__(self, df: pd.DataFrame) -> None:
+        self.df = df
+        self.memo: dict[tuple[str, str], object] = {}
+
+    def _get(self, kind: str, column: str, convert: Callable[[pd.Series], object]) -> object:
+        key = (kind, column)
+        if key not in self.memo:
+            self.memo[key] = convert(self.df[column])
+        return self.memo[key]
+
+    def missing(self, column: str) -> np.ndarray:
+        return self._get("missing", column, _missing)
+
+    def numeric(self, column: str) -> pd.Series:
+        return self._get("numeric", column, _numeric)
+
+    def dates(self, column: str) -> pd.Series:
+        return self._get("dates", column, _parse_dates_unbounded)
+
+    def stripped(self, column: str) -> pd.Series:
+        return self._get("stripped", column, lambda col: col.astype("str").str.strip())
 
 
 def validate_records(df: pd.DataFrame, file: str) -> list[Problem]:
@@ -308,6 +442,10 @@ def validate_records(df: pd.DataFrame, file: str) -> list[Problem]:
     ``encounter_id`` unique (the later row is reported, with the row it repeats).
     Extra columns are ignored.
     """
+    return _validate(df, file, _Columns(df))
+
+
+def _validate(df: pd.DataFrame, file: str, columns: _Columns) -> list[Problem]:
     problems: list[Problem] = []
     for column in REQUIRED_COLUMNS:
         if column not in df.columns:
@@ -317,9 +455,9 @@ def validate_records(df: pd.DataFrame, file: str) -> list[Problem]:
         return problems
 
     cells = _Cells(_row_numbers(df))
-    _check_required(df, cells)
-    _check_numeric(df, cells)
-    _check_encounter_ids(df, cells)
+    _check_required(df, cells, columns)
+    _check_numeric(df, cells, columns)
+    _check_encounter_ids(df, cells, columns)
     problems.extend(Problem(file, row, column, message) for row, column, message in cells.sorted())
     return problems
 
@@ -341,16 +479,29 @@ class _Cells:
         return [(row, column, message) for row, _, column, message in sorted(self.items, key=lambda c: (c[0], c[1]))]
 
 
-def _check_required(df: pd.DataFrame, cells: _Cells) -> None:
+class _Quoted:
+    """``col.to_numpy()[pos]``, converted on first use: only a problem's message quotes a cell,
+    and converting a text column to Python objects costs as much as checking it."""
+
+    def __init__(self, col: pd.Series) -> None:
+        self.col = col
+        self.values: np.ndarray | None = None
+
+    def __getitem__(self, pos: int) -> object:
+        if self.values is None:
+            self.values = self.col.to_numpy()
+        return self.values[pos]
+
+
+def _check_required(df: pd.DataFrame, cells: _Cells, columns: _Columns) -> None:
     for column in REQUIRED_COLUMNS:
         if column not in df.columns:
             continue
-        col = df[column]
-        missing = _missing(col)
+        missing = columns.missing(column)
         cells.add(missing, column, lambda pos: "missing value")
         if column == "admit_date":
-            parsed = _parse_dates_unbounded(col)
-            values = col.to_numpy()
+            parsed = columns.dates(column)
+            values = _Quoted(df[column])
             unparsable = parsed.isna().to_numpy() & ~missing
             cells.add(unparsable, column, lambda pos: f"unparsable date {_cell(values[pos])} (expected YYYY-MM-DD)")
             out_of_range = parsed.notna().to_numpy() & ~_in_date_range(parsed).to_numpy()
@@ -358,14 +509,13 @@ def _check_required(df: pd.DataFrame, cells: _Cells) -> None:
             cells.add(out_of_range, column, lambda pos: f"date outside {lo}-{hi} ({_cell(values[pos])})")
 
 
-def _check_numeric(df: pd.DataFrame, cells: _Cells) -> None:
+def _check_numeric(df: pd.DataFrame, cells: _Cells, columns: _Columns) -> None:
     for column in NUMERIC_COLUMNS:
         if column not in df.columns:
             continue
-        col = df[column]
-        values = col.to_numpy()
-        missing = _missing(col)
-        num = _numeric(col).to_numpy()
+        values = _Quoted(df[column])
+        missing = columns.missing(column)
+        num = columns.numeric(column).to_numpy()
         non_numeric = np.isnan(num) & ~missing
         cells.add(non_numeric, column, lambda pos: f"non-numeric value {_cell(values[pos])}")
         finite = np.isfinite(num)
@@ -379,12 +529,11 @@ def _check_numeric(df: pd.DataFrame, cells: _Cells) -> None:
                 cells.add(finite & (num < 0), column, lambda pos: f"negative value ({num[pos]:g})")
 
 
-def _check_encounter_ids(df: pd.DataFrame, cells: _Cells) -> None:
+def _check_encounter_ids(df: pd.DataFrame, cells: _Cells, columns: _Columns) -> None:
     if "encounter_id" not in df.columns:
         return
-    col = df["encounter_id"]
-    present = ~_missing(col)
-    ids = col.astype("str").str.strip()
+    present = ~columns.missing("encounter_id")
+    ids = columns.stripped("encounter_id")
     dup = ids.duplicated(keep="first").to_numpy() & present
     if dup.any():
         first_pos = pd.Series(np.arange(len(ids)))[present].groupby(ids.to_numpy()[present]).first()
@@ -453,27 +602,30 @@ def load_records(path: str | Path) -> pd.DataFrame:
     """
     path = Path(path)
     raw = read_records(path)
-    problems = validate_records(raw, path.name)
+    columns = _Columns(raw)  # validation's conversions are reused for typing
+    problems = _validate(raw, path.name, columns)
     if problems:
         raise RecordsError(problems)
-    return to_typed(raw)
+    return _typed(raw, columns)
 
 
 def to_typed(raw: pd.DataFrame) -> pd.DataFrame:
     """The typed frame for an already validated raw frame (see :func:`load_records`)."""
+    return _typed(raw, _Columns(raw))
+
+
+def _typed(raw: pd.DataFrame, columns: _Columns) -> pd.DataFrame:
     out: dict[str, pd.Series] = {
-        "admit_date": parse_dates(raw["admit_date"]).dt.normalize().astype("datetime64[ns]"),
-        "drg_group": raw["drg_group"].astype("str").str.strip(),
+        "admit_date": _bounded(columns.dates("admit_date")).dt.normalize().astype("datetime64[ns]"),
+        "drg_group": columns.stripped("drg_group"),
     }
     for column in OPTIONAL_COLUMNS:
         if column not in raw.columns:
             continue
-        col = raw[column]
         if column in NUMERIC_COLUMNS:
-            out[column] = _numeric(col)
+            out[column] = columns.numeric(column)
         else:
-            text = col.astype("str").str.strip()
-            out[column] = text.where(~_missing(col))
+            out[column] = columns.stripped(column).where(~columns.missing(column))
     typed = pd.DataFrame(out)
     typed.index = pd.RangeIndex(len(typed))
     return typed

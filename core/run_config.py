@@ -28,6 +28,9 @@ MAX_ROUNDS = 1000
 MAX_WEIGHT_BOUND = 1e4
 # allocate-on: the mean D_i or a released bound (q10 = demand-lo, q90 = demand-hi).
 ALLOCATE_ON = ("mean", "q10", "q90")
+# The forecaster family (forecasting/model.py): "seasonal" is linear in the window (unbiased under
+# release noise; the default), "loglinear" shrinks in log space (epidemic counts; benchmarks/FORECASTER.md).
+MODELS = ("seasonal", "loglinear")
 
 DEFAULTS: dict[str, Any] = {
     "num-server-rounds": 5,
@@ -80,13 +83,15 @@ DEFAULTS: dict[str, Any] = {
     # coordinator and sent to nodes (series columns, model rows, reply keys); set by hand it must
     # match groups-file. Empty = the built-in 12.
     "groups": "",
+    "model": "seasonal",
 }
 
 
 # What a node's noise pays for; a run's later requests must match the plan recorded at its first.
 PLAN_KEYS: tuple[str, ...] = (
     "num-server-rounds", "local-epochs", "batch-size", "lr", "clip-norm", "weight-bound", "epsilon", "release-share",
-    "release-blocks", "lags", "horizon", "stride", "period", "measure", "los-cap", "start", "cutoff", "groups")
+    "release-blocks", "lags", "horizon", "stride", "period", "measure", "los-cap", "start", "cutoff", "groups",
+    "model")
 # Coordinator-only: never sent to a node (a node needs none of them, and paths stay local).
 COORDINATOR_KEYS: tuple[str, ...] = (
     "strategy", "trim-beta", "krum-byzantine", "min-nodes", "fraction-train", "total", "policy", "allocate-on",
@@ -130,6 +135,7 @@ class RunSettings:
     sim_data_dir: str
     groups_file: str
     groups: str
+    model: str
 
     @classmethod
     def from_mapping(cls, *layers: Mapping[str, Any]) -> "RunSettings":
@@ -199,6 +205,7 @@ class RunSettings:
         _one_of("strategy", self.strategy, STRATEGIES)
         _one_of("policy", self.policy, POLICIES)
         _one_of("allocate-on", self.allocate_on, ALLOCATE_ON)
+        _one_of("model", self.model, MODELS)
         if self.allocate_on != "mean" and self.policy == "drg_budget":
             raise ValueError("run-config allocate-on must be 'mean' for policy drg_budget (it pays group demand)")
         if self.pretrain_hospitals < 0:

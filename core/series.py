@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from datetime import date
+from functools import lru_cache
 
 import numpy as np
 import pandas as pd
@@ -52,8 +53,14 @@ def period_grid(start: DateLike, end: DateLike, period: str = "week") -> pd.Date
     """
     if period not in PERIODS:
         raise ValueError(f"unknown period {period!r}; expected one of {sorted(PERIODS)}")
-    first = _timestamp(start, "start")
-    stop = _timestamp(end, "end")
+    # A copy: callers may rename their index; the cached grid must not change with it.
+    return _grid(_timestamp(start, "start"), _timestamp(end, "end"), period).copy()
+
+
+@lru_cache(maxsize=256)
+def _grid(first: pd.Timestamp, stop: pd.Timestamp, period: str) -> pd.DatetimeIndex:
+    # Every node of a run asks for the same public grid; a weekly date_range is built in a
+    # Python loop (≈ 2-4 ms for four years), so it is built once per (start, end, period).
     days = _PERIOD_DAYS[period]
     if period == "week":
         first = first + pd.Timedelta(days=(7 - first.weekday()) % 7)
@@ -115,7 +122,7 @@ def demand_series(
         delta = np.where(valid, dates - grid[0].to_datetime64(), np.timedelta64(-1, "D"))
         offset = delta // np.timedelta64(1, "D")
         t = offset // _PERIOD_DAYS[period]
-        g = pd.Index(groups).get_indexer(records["drg_group"].to_numpy()).astype(np.int64)
+        g = _group_index(records["drg_group"], groups)
         keep = valid & (offset >= 0) & (t < n_t) & (g >= 0)
         weights = None
         if measure == "bed_days":
@@ -129,6 +136,14 @@ def demand_series(
         flat = t[keep] * n_g + g[keep]
         values = np.bincount(flat, weights=weights, minlength=n_t * n_g).astype(np.float64)
     return pd.DataFrame(values.reshape(n_t, n_g), index=grid, columns=groups)
+
+
+def _group_index(values: pd.Series, groups: list[str]) -> np.ndarray:
+    """Position of each record's group in ``groups`` (-1 if absent), matched once per distinct
+    value: a node's records hold a few dozen groups in tens of thousands of rows."""
+    codes, uniques = pd.factorize(values)
+    lookup = np.append(pd.Index(groups).get_indexer(np.asarray(uniques, dtype=object)), -1).astype(np.int64)
+    return lookup[codes]  # code -1 (a missing group) takes the appended -1
 
 
 def _stride(lags: int, horizon: int, stride: int | None) -> int:

@@ -57,18 +57,18 @@ def simulate_command(
     resume: bool = typer.Option(False, "--resume", help="Continue run --name from its last checkpoint (keeps its nodes and ledgers)."),
     run_config: Optional[str] = typer.Option(None, "--run-config", help="More run-config keys, as for `flwr run --run-config`, "
                                              "e.g. \"period='day' lags=14 horizon=7\"; checked before anything runs."),
+    workers: int = typer.Option(1, "--workers", help="Engine inprocess: run the nodes in N worker processes (1: in this one)."),
 ) -> None:
     """Run a whole federation locally: DP training, D_i release, allocation."""
     from simulations.driver import InvalidNodeFiles, check_request, simulate
 
-    if data is not None and not data.is_dir():
-        fail(f"--data {data}: not a directory")
+    _check_paths_and_workers(data, workers, engine)
     rounds, epsilon, overrides = _overrides(rounds, epsilon, run_config, total=total, policy=policy,
                                             strategy=strategy, start=start, cutoff=cutoff)
     try:
         check_request(hospitals=hospitals, rounds=rounds, epsilon=epsilon, data_dir=data, engine=engine,
                       results_dir=str(out), run_name=name, seed=seed, overrides=overrides, resume=resume, secagg=secagg,
-                      ray_address=ray_address)
+                      ray_address=ray_address, workers=workers)
     except ValueError as exc:  # a request that cannot succeed: refused before anything is spent
         fail(str(exc))
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} rounds"),
@@ -78,7 +78,7 @@ def simulate_command(
             outcome = simulate(
                 hospitals=hospitals, rounds=rounds, epsilon=epsilon, budget=budget, data_dir=data, resources=resources,
                 engine=engine, results_dir=str(out), run_name=name, seed=seed, on_round=on_round, resume=resume, secagg=secagg,
-                overrides=overrides, ray_address=ray_address,
+                overrides=overrides, ray_address=ray_address, workers=workers,
             )
         except InvalidNodeFiles as exc:
             progress.stop()
@@ -94,6 +94,20 @@ def simulate_command(
         raise typer.Exit(1)
     _print_allocations(outcome, overrides.get("policy"))
     console.print(f"results in [bold]{outcome.path}[/bold] (allocations.csv, forecasts.csv, rounds.csv, metrics.json)")
+
+
+def _check_paths_and_workers(data: Path | None, workers: int, engine: str) -> None:
+    """--data must be a folder; --workers N: 1..4×cores, and only for the in-process engine (Ray
+    schedules its own workers)."""
+    import os
+
+    if data is not None and not data.is_dir():
+        fail(f"--data {data}: not a directory")
+    limit = (os.cpu_count() or 1) * 4  # simulations.inprocess.max_workers(), without importing flwr
+    if not 1 <= workers <= limit:
+        fail(f"--workers {workers} is not allowed; choose 1..{limit}")
+    if workers != 1 and engine != "inprocess":
+        fail(f"--workers needs --engine inprocess (got --engine {engine})")
 
 
 def _overrides(rounds: int | None, epsilon: float | None, run_config: str | None,

@@ -25,7 +25,8 @@ def sweep_command(
     rounds: Optional[int] = typer.Option(None, help="Federated rounds (default: the run-config default)."),
     local_epochs: Optional[int] = typer.Option(None, "--local-epochs", help="Local epochs per round."),
     methods: str = typer.Option(",".join(
-        ("seasonal_naive", "last_value", "centralised", "local", "federated", "local_dp", "federated_dp")),
+        ("seasonal_naive", "last_value", "centralised", "local", "federated", "local_dp", "federated_dp",
+         "dp_series_release")),
         help="Comma-separated subset of methods."),
     data: Optional[Path] = typer.Option(None, "--data", help="Directory of hospital record files (+ hospitals.csv) instead of synthetic ones."),
     start: Optional[str] = typer.Option(None, help="First day of the series (public)."),
@@ -108,7 +109,7 @@ def _steps(grid: list[float], chosen: list[str], seeds: int, origins: int, repor
     n_private = sum(m in B.PRIVATE for m in chosen)
     n_plain = sum(m in B.NON_PRIVATE for m in chosen)
     if math.inf in grid:  # the ε = inf private runs reuse (and may need) the plain runs
-        n_plain += sum(p in chosen and q not in chosen for p, q in (("local_dp", "local"), ("federated_dp", "federated")))
+        n_plain += sum(p in chosen and q not in chosen for p, q in B.PLAIN_TWIN.items())
     return seeds * origins * (n_plain + n_private * len(grid)) + (1 if report else 0)
 
 

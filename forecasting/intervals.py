@@ -75,14 +75,39 @@ def window_coefficients(model: torch.nn.Module, first_target: pd.Timestamp, n_gr
     return model.horizon * coef.T
 
 
+def window_gradient(model: torch.nn.Module, window: np.ndarray, first_target: pd.Timestamp) -> np.ndarray:
+    """(lags, G) ∂D̂/∂ each cell of the released (block-mean) `window`, by autograd at that window:
+    the delta method for a model that is not linear in the window (LogLinearForecaster)."""
+    from forecasting.features import season_features
+
+    m = torch.tensor(np.asarray(window, dtype=np.float32).T, requires_grad=True)  # (G, lags)
+    n_groups = m.shape[0]
+    x = torch.sign(m) * torch.log1p(m.abs())  # the model's input transform (signed log1p)
+    season = torch.from_numpy(np.repeat(season_features(pd.DatetimeIndex([first_target])), n_groups, axis=0))
+    # A fresh copy: a model Opacus trained in place may still carry its per-sample-gradient hooks.
+    clone = type(model)(model.lags, model.horizon, model.n_groups, model.harmonics)
+    clone.load_state_dict(model.state_dict())
+    clone.eval()
+    total = clone.horizon * clone.mean_forecast(x, torch.arange(n_groups), season).sum()
+    (grad,) = torch.autograd.grad(total, m)
+    return grad.double().numpy().T
+
+
 def release_variance(model: torch.nn.Module, first_target: pd.Timestamp, n_groups: int, blocks: int,
-                     noise_std: float) -> float:
+                     noise_std: float, window: np.ndarray | None = None) -> float:
     """Variance of D̂ caused by N(0, noise_std²) on each of the (blocks, G) released block sums.
 
     A block sum S is spread evenly over its `size` cells (block mean S/size), so ∂D̂/∂S is the sum
-    of the block's cell coefficients divided by `size`; the sums' noises are independent.
+    of the block's cell coefficients divided by `size`; the sums' noises are independent. For a
+    model that is not linear in the window the coefficients are the gradient at the released
+    `window` (post-processing of the release, like D̂ itself).
     """
-    coef = window_coefficients(model, first_target, n_groups)
+    if getattr(model, "linear_in_window", True):
+        coef = window_coefficients(model, first_target, n_groups)
+    elif window is None:
+        raise ValueError("release_variance: a model that is not linear in the window needs the released window")
+    else:
+        coef = window_gradient(model, window, first_target)
     lags = coef.shape[0]
     size = lags // blocks
     per_block = coef.reshape(blocks, size, n_groups).sum(axis=1) / size

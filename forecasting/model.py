@@ -1,6 +1,7 @@
 """The demand forecaster.
 
-`build_model` returns :class:`SeasonalForecaster`, a structured model with ~100 parameters:
+`build_model` returns :class:`SeasonalForecaster` (run-config `model = "seasonal"`, the default), a
+structured model with ~100 parameters:
 
     forecast mean per period = Σ_j w_j · m_{g,j} · s_g(target) / s_g(period j)
 
@@ -28,9 +29,15 @@ the log1p of the forecast mean per period, repeated `horizon` times (the trainin
 log1p of the horizon's mean, forecasting/features.py).
 
 Opacus computes per-sample gradients through the two parametrised submodules: an `nn.Embedding`
-(the per-group profile) and `LagMix`, a single-input module (functorch path). The calendar length
+(the per-group profile) and `LagMix`, whose closed-form per-sample gradient is registered with
+Opacus in client/dp_training.py (hooks mode; the functorch fallback was most of a DP step). The calendar length
 of one period is a buffer (`period_days`) carried in the state dict, so a node that rebuilds the
 model with the default and loads the global state uses the coordinator's period.
+
+`LogLinearForecaster` (`model = "loglinear"`) is the alternative for epidemic counts: linear in
+the *log* of the window, so it can shrink a hospital's latest level toward a common one (what beat
+last value on real surveillance data, where the linear model could only reproduce it); it gives up
+the exact unbiasedness under release noise (see its docstring).
 
 `Forecaster` (the former MLP) is kept for the membership-inference audit (simulations/mia.py).
 """
@@ -41,6 +48,7 @@ import math
 
 import torch
 from torch import nn
+from torch.nn.utils import skip_init
 
 YEAR_DAYS = 365.25
 PERIOD_DAYS = {"week": 7.0, "day": 1.0}
@@ -74,17 +82,15 @@ class SeasonalForecaster(nn.Module):
         if period not in PERIOD_DAYS:
             raise ValueError(f"unknown period {period!r}; expected one of {sorted(PERIOD_DAYS)}")
         self.lags, self.horizon, self.n_groups, self.harmonics = lags, horizon, n_groups, harmonics
-        self.profile = nn.Embedding(n_groups, 2 * harmonics)  # (a_k, b_k): f = Σ a_k sin kθ + b_k cos kθ
+        # (a_k, b_k): f = Σ a_k sin kθ + b_k cos kθ; skip_init: no RNG draw, zeroed below
+        self.profile = skip_init(nn.Embedding, n_groups, 2 * harmonics)
         nn.init.zeros_(self.profile.weight)
         self.mix = LagMix(lags)
         self.register_buffer("period_days", torch.tensor([PERIOD_DAYS[period]]))
 
     def _log_index(self, coef: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
         """f_g at angles `theta` (N, T) for per-row coefficients `coef` (N, 2K) → (N, T)."""
-        k = torch.arange(1, self.harmonics + 1, dtype=theta.dtype)
-        kt = theta[..., None] * k  # (N, T, K)
-        a, b = coef[:, None, : self.harmonics], coef[:, None, self.harmonics :]
-        return (a * torch.sin(kt) + b * torch.cos(kt)).sum(dim=-1).clamp(-PROFILE_LIMIT, PROFILE_LIMIT)
+        return log_profile(coef, theta, self.harmonics)
 
     def mean_forecast(self, x: torch.Tensor, group: torch.Tensor, season: torch.Tensor) -> torch.Tensor:
         """Forecast mean demand per period over the horizon, (N, 1), in the data's units."""
@@ -141,16 +147,90 @@ class Forecaster(nn.Module):
         return level + self.net(h)
 
 
-def build_model(lags: int, horizon: int, n_groups: int, seed: int = 0, period: str = "week") -> SeasonalForecaster:
+# The log-linear model's inputs are centred here (log1p(19): ~19 per group and period) before
+# they are weighted. It changes only the parametrisation, not the family; but DP-SGD noise on a weight
+# moves the forecast by (noise · |x − centre|), and the per-sample gradient of the weight scales
+# with |x − centre| too, so uncentred inputs (x ≈ 5 for 150 a week) both amplified the noise and
+# starved the bias of clipped gradient (Peru dengue validation origins, relative MAE at ε = 3 and
+# lr 0.05: 1.16 uncentred (1 seed), 0.94 centred at 3, 1.00 at 4 (3 seeds); benchmarks/FORECASTER.md).
+# A public constant, not a statistic of any node's data.
+LOG_CENTRE = 3.0
+
+
+class LogLinearForecaster(nn.Module):
+    """log1p(forecast mean per period) = b + Σ_j w_j · (x_j − c) + f_g(target),  x_j = the window's
+    block means in signed log1p (the model's input), f_g the per-group Fourier log-profile
+    averaged over the horizon's periods.
+
+    A power law in the window (D̂ ≈ e^b · m^Σw · seasonal index), so with Σw < 1 it shrinks a
+    hospital's latest level toward a common one and the profile says where the season goes next:
+    on epidemic counts that beat last value where the linear model could only reproduce it
+    (benchmarks/FORECASTER.md, "Real public data"). 2 + lags + 2·harmonics·G parameters
+    (6 at lags 1 with one group). Unlike SeasonalForecaster it is *not* linear in the window, so
+    zero-mean release noise moves D̂ by a Jensen term (small when the noise is small next to the
+    counts) and the interval's release variance is a delta-method approximation
+    (forecasting/intervals.py). Starts at the window's geometric mean (w = 1/lags, b = c = LOG_CENTRE,
+    flat profile), i.e. at last value for lags = 1.
+    """
+
+    linear_in_window = False
+
+    def __init__(self, lags: int, horizon: int, n_groups: int, harmonics: int = HARMONICS,
+                 period: str = "week") -> None:
+        super().__init__()
+        if period not in PERIOD_DAYS:
+            raise ValueError(f"unknown period {period!r}; expected one of {sorted(PERIOD_DAYS)}")
+        self.lags, self.horizon, self.n_groups, self.harmonics = lags, horizon, n_groups, harmonics
+        self.lags, self.horizon, self.n_groups, self.harmonics = lags, horizon, n_groups, harmonics
+        self.profile = skip_init(nn.Embedding, n_groups, 2 * harmonics)  # no RNG draw: zeroed below
+        nn.init.zeros_(self.profile.weight)
+        self.lag = skip_init(nn.Linear, lags, 1)  # a stock layer (Opacus has its per-sample gradient); set below
+        with torch.no_grad():
+            self.lag.weight.fill_(1.0 / lags)
+            self.lag.bias.fill_(LOG_CENTRE)
+        self.register_buffer("period_days", torch.tensor([PERIOD_DAYS[period]]))
+
+    def forward(self, x: torch.Tensor, group: torch.Tensor, season: torch.Tensor) -> torch.Tensor:
+        theta_t = torch.atan2(season[:, 0], season[:, 1])
+        step = 2 * math.pi * self.period_days.to(x.dtype) / YEAR_DAYS
+        theta = theta_t[:, None] + torch.arange(self.horizon, dtype=x.dtype) * step
+        f = log_profile(self.profile(group), theta, self.harmonics).mean(dim=1, keepdim=True)
+        return (self.lag(x - LOG_CENTRE) + f).expand(-1, self.horizon)
+
+    def mean_forecast(self, x: torch.Tensor, group: torch.Tensor, season: torch.Tensor) -> torch.Tensor:
+        """Forecast mean demand per period over the horizon, (N, 1), in the data's units."""
+        return torch.expm1(self.forward(x, group, season)[:, :1].clamp(max=PROFILE_OUTPUT_LIMIT))
+
+
+# exp(30) ≈ 10^13, far above any demand; keeps a crafted global model's forecast finite.
+PROFILE_OUTPUT_LIMIT = 30.0
+
+
+def log_profile(coef: torch.Tensor, theta: torch.Tensor, harmonics: int) -> torch.Tensor:
+    """f_g at angles `theta` (N, T) for per-row coefficients `coef` (N, 2K) → (N, T), |f| ≤ 3."""
+    k = torch.arange(1, harmonics + 1, dtype=theta.dtype)
+    kt = theta[..., None] * k  # (N, T, K)
+    a, b = coef[:, None, :harmonics], coef[:, None, harmonics:]
+    return (a * torch.sin(kt) + b * torch.cos(kt)).sum(dim=-1).clamp(-PROFILE_LIMIT, PROFILE_LIMIT)
+
+
+MODEL_CLASSES = {"seasonal": SeasonalForecaster, "loglinear": LogLinearForecaster}
+
+
+def build_model(lags: int, horizon: int, n_groups: int, seed: int = 0, period: str = "week",
+                kind: str = "seasonal") -> nn.Module:
     """Deterministic initial model: every node and the coordinator build the same one.
 
     The initial weights are data-free (no seasonality, equal lag weights: the window mean);
     `forecasting.pretrain.initial_model(run)` loads weights pretrained on public synthetic hospitals.
-    `seed` is kept for callers; this model's initialisation does not draw random numbers.
     """
-    gen_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        return SeasonalForecaster(lags, horizon, n_groups, period=period)
-    finally:
-        torch.random.set_rng_state(gen_state)
+    if kind not in MODEL_CLASSES:
+        raise ValueError(f"run-config model {kind!r} is not allowed; choose one of {', '.join(MODEL_CLASSES)}")
+    # No random draw anywhere in either constructor, so no generator is seeded (that cost 1–3 ms
+    # per node and round); `seed` is accepted for callers.
+    return MODEL_CLASSES[kind](lags, horizon, n_groups, period=period)
+
+
+def model_for(run: "RunSettings") -> nn.Module:  # noqa: F821  (core.run_config, imported lazily)
+    """The run's data-free model: its family, window shape, period and group catalogue."""
+    return build_model(run.lags, run.horizon, len(run.group_list), seed=run.seed, period=run.period, kind=run.model)

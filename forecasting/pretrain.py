@@ -81,19 +81,21 @@ def fit(model: torch.nn.Module, ex: Any, steps: int = STEPS, lr: float = LR) -> 
         forecast = torch.expm1(model(x, g, s)).sum()
         if forecast > 0 and hasattr(model, "mix"):
             model.mix.log_scale += torch.log(torch.expm1(y).sum() / forecast)
+        elif forecast > 0 and hasattr(model, "lag"):  # log-linear: the bias is the log scale
+            model.lag.bias += torch.log(torch.expm1(y).sum() / forecast)
     return float(loss.detach())
 
 
 def _key(run: RunSettings, hospitals: int) -> tuple:
     return (run.lags, run.horizon, run.release_blocks, run.period, run.measure, float(run.los_cap),
-            str(pd.Timestamp(run.cutoff).date()), int(hospitals))
+            str(pd.Timestamp(run.cutoff).date()), int(hospitals), getattr(run, "model", "seasonal"))
 
 
 @lru_cache(maxsize=32)
 def _pretrained(key: tuple) -> dict[str, np.ndarray]:
     from forecasting.model import build_model
 
-    lags, horizon, blocks, period, measure, los_cap, cutoff, hospitals = key
+    lags, horizon, blocks, period, measure, los_cap, cutoff, hospitals, kind = key
     # The settings only carry the window shape to public_series; start is the cohort's own span.
     start = str((pd.Timestamp(cutoff) - pd.Timedelta(days=round(PUBLIC_YEARS * 365.25))).date())
     run = RunSettings.from_mapping({"lags": lags, "horizon": horizon, "release-blocks": blocks, "period": period,
@@ -104,7 +106,7 @@ def _pretrained(key: tuple) -> dict[str, np.ndarray]:
     torch.set_num_threads(1)  # deterministic and quick: the model is tiny
     try:
         torch.manual_seed(0)
-        model = build_model(lags, horizon, len(DRG_GROUPS), period=period)
+        model = build_model(lags, horizon, len(DRG_GROUPS), period=period, kind=kind)
         fit(model, ex)
     finally:
         torch.set_num_threads(threads)
@@ -129,7 +131,8 @@ def initial_model(run: RunSettings, hospitals: int | None = None) -> torch.nn.Mo
     if hospitals is None:
         hospitals = int(getattr(run, "pretrain_hospitals", PUBLIC_HOSPITALS))
     groups = tuple(getattr(run, "group_list", DRG_GROUPS))
-    model = build_model(run.lags, run.horizon, len(groups), seed=run.seed, period=run.period)
+    model = build_model(run.lags, run.horizon, len(groups), seed=run.seed, period=run.period,
+                        kind=getattr(run, "model", "seasonal"))
     if hospitals > 0:
         model.load_state_dict(onto_catalogue(pretrained_state(run, hospitals), groups))
     return model

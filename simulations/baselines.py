@@ -17,6 +17,12 @@ Methods (name → what it does):
   releases D_i through the same Gaussian mechanism on its input window.
 - ``federated``: FedAvg over the same nodes without DP (train_dp with noise_multiplier=None).
 - ``federated_dp``: the real system, `simulations.driver.simulate(engine="inprocess")`.
+- ``dp_series_release``: the honest comparator of issue #12. Each node releases its whole training
+  series once, every (period, group) count plus N(0, (σΔ)²), σ of one Gaussian release at the full ε
+  (the cells are disjoint, so one record moves the released vector by at most Δ in L2: one Gaussian
+  mechanism however long the series). The same model is then fitted centrally, without DP-SGD, on
+  every window of the noisy series (post-processing, so overlapping windows cost nothing), and D_i
+  is its forecast from each node's noisy last window. At ε = ∞ nothing is noised.
 
 All model-based methods use the same model, the same initial weights (the public pretrained model
 of `forecasting.pretrain.initial_model(run)`, which is also the federation's first global model), and the
@@ -44,7 +50,9 @@ from core.series import cell_sensitivity, demand_series
 
 POLICIES = ("seed", "proportional", "need_gap")
 NON_PRIVATE = ("seasonal_naive", "last_value", "centralised", "local", "federated")
-PRIVATE = ("local_dp", "federated_dp")
+PRIVATE = ("local_dp", "federated_dp", "dp_series_release")
+# A DP method at ε = inf is its non-private twin (dp_series_release handles ε = inf itself).
+PLAIN_TWIN = {"local_dp": "local", "federated_dp": "federated"}
 METHODS = NON_PRIVATE + PRIVATE
 SEASON_WEEKS = 52
 BIG = 1e300  # stand-in for an infinite forecast in the allocation core
@@ -269,6 +277,36 @@ def local_dp(h: Hospitals, run: RunSettings) -> tuple[np.ndarray, np.ndarray]:
     return np.array(preds), np.array(eps)
 
 
+def release_series(series: pd.DataFrame, run: RunSettings, rng: np.random.Generator,
+                   delta: float = 1e-5) -> tuple[pd.DataFrame, float]:
+    """One node's whole series plus N(0, (σΔ)²) per cell, σ one Gaussian release at run.epsilon;
+    returns (released series, ε it costs by the ledger's accountant). ε = inf: unchanged, inf."""
+    from client.calibration import release_sigma
+    from client.ledger import Mechanism, compute_epsilon
+
+    if math.isinf(run.epsilon):
+        return series, math.inf
+    sigma = release_sigma(run.epsilon, delta)
+    noise_std = sigma * cell_sensitivity(run.measure, run.los_cap)
+    return (series + rng.normal(0.0, noise_std, size=series.shape),
+            compute_epsilon([Mechanism(sigma, 1.0, 1, "gaussian-release")], delta))
+
+
+def dp_series_release(h: Hospitals, run: RunSettings) -> tuple[np.ndarray, np.ndarray]:
+    """(D_i, ε spent per node) of the series-release comparator (module docstring)."""
+    from forecasting.features import training_examples
+
+    rng = np.random.default_rng([run.seed, 11])
+    released = [release_series(s, run, rng) for s in h.series]
+    noisy = [r[0] for r in released]
+    # stride 1: every window of the released series (post-processing of one release)
+    model = _new_model(run)
+    pooled = _pool([training_examples(s, run.lags, run.horizon, 1, blocks=run.release_blocks) for s in noisy])
+    _train(model, pooled, run, run.num_server_rounds * run.local_epochs, run.seed)
+    preds = np.array([forecast_total(model, s, run) for s in noisy])
+    return preds, np.array([r[1] for r in released])
+
+
 def federated(h: Hospitals, run: RunSettings,
               on_round: Callable[[int, np.ndarray], None] | None = None) -> np.ndarray:
     """Plain FedAvg without DP: each round every node trains local-epochs from the global model,
@@ -434,6 +472,9 @@ def run_private(h: Hospitals, run: RunSettings, results_dir: Path, run_name: str
     for m in methods:
         if m == "local_dp":
             pred, eps = local_dp(h, run)
+            out.append(evaluate(m, pred, eps, run.epsilon, h, run.total))
+        elif m == "dp_series_release":
+            pred, eps = dp_series_release(h, run)
             out.append(evaluate(m, pred, eps, run.epsilon, h, run.total))
         elif m == "federated_dp":
             if math.isinf(run.epsilon):

@@ -251,11 +251,16 @@ def check_request(
     resume: bool,
     secagg: bool,
     ray_address: str | None = None,
+    workers: int = 1,
 ) -> tuple[str, Path, dict[str, Any]]:
     """Refuse, with one line naming the setting, a request that cannot succeed — before any node
-    file is written or any ε spent. Returns the run name, its folder and its run config."""
+    file is written or any ε spent. Returns the run name, its folder and its run config.
+
+    `workers=N > 1` (engine inprocess only) runs the nodes in N worker processes (simulations/inprocess.py)."""
     if engine not in ENGINES:
         raise ValueError(f"engine {engine!r} is not allowed; choose one of {', '.join(ENGINES)}")
+    if workers != 1 and engine != "inprocess":
+        raise ValueError(f"--workers needs --engine inprocess (got --engine {engine})")
     if ray_address is not None:
         if engine != "ray":
             raise ValueError(f"--ray-address needs --engine ray (got --engine {engine})")
@@ -300,6 +305,7 @@ def simulate(
     secagg: bool = False,
     synthetic_data: bool = False,
     ray_address: str | None = None,
+    workers: int = 1,
 ) -> Any:
     """Run one federation end to end and return the coordinator's RunOutcome.
 
@@ -318,7 +324,7 @@ def simulate(
     name, run_path, settings = check_request(
         hospitals=hospitals, rounds=rounds, epsilon=epsilon, data_dir=data_dir, engine=engine,
         results_dir=results_dir, run_name=run_name, seed=seed, overrides=overrides, resume=resume, secagg=secagg,
-        ray_address=ray_address)
+        ray_address=ray_address, workers=workers)
 
     from client.app import make_app as make_client_app
 
@@ -334,9 +340,8 @@ def simulate(
     if secagg:
         settings, workflow, make_client_app = _secagg(settings)
     run = RunSettings.from_mapping(settings)
-
     outcome = _run_engine(engine, nodes.node_configs, settings, run, workflow, client_app, make_client_app,
-                          on_round=on_round, drop=drop, resume=resume, secure=secagg, ray_address=ray_address)
+                          on_round=on_round, drop=drop, resume=resume, secure=secagg, ray_address=ray_address, workers=workers)
     if outcome.allocations is not None:
         write_forecasts(outcome, true_demand(nodes.node_configs, run, known=nodes.truth), run)
     return outcome
@@ -364,7 +369,7 @@ def _secagg(settings: dict[str, Any]) -> tuple[dict[str, Any], Any, Callable[...
 
 def _run_engine(engine: str, node_configs: list[dict[str, Any]], settings: dict[str, Any], run: RunSettings,
                 workflow: Any, client_app: Any, make_client_app: Callable[..., Any], *, on_round: Any, drop: Any,
-                resume: bool, secure: bool, ray_address: str | None) -> Any:
+                resume: bool, secure: bool, ray_address: str | None, workers: int = 1) -> Any:
     """The coordinator's RunOutcome of one federation on `engine` (in-process Grid or Flower's Ray
     simulation engine); `client_app` if given, else `make_client_app(sim node configs)`."""
     from server.app import make_app as make_server_app
@@ -373,8 +378,11 @@ def _run_engine(engine: str, node_configs: list[dict[str, Any]], settings: dict[
     if engine == "inprocess":
         from simulations.inprocess import InProcessGrid
 
-        grid = InProcessGrid(client_app or make_client_app(), node_configs, drop=drop)
-        return run_federation(grid, run, workflow, on_round=on_round, resume=resume)
+        # Worker processes build their own ClientApp from the (importable) factory; the pool stops
+        # with the run, on errors and on Ctrl-C/SIGTERM.
+        with InProcessGrid(client_app or make_client_app(), node_configs, drop=drop, workers=workers,
+                           app_factory=None if client_app else make_client_app) as grid:
+            return run_federation(grid, run, workflow, on_round=on_round, resume=resume)
     from simulations.ray_local import run_ray_simulation  # loopback-only Ray, Ctrl-C stops it
 
     results: list[Any] = []

@@ -36,10 +36,12 @@ LABELS = {
     "federated": "federated (no DP)",
     "local_dp": "local-only DP",
     "federated_dp": "federated DP",
+    "dp_series_release": "DP series release",
 }
 BASELINE_STYLE = {"seasonal_naive": ":", "last_value": ":", "centralised": "--", "local": "-.", "federated": "--"}
 COLORS = {"seasonal_naive": "tab:gray", "last_value": "tab:brown", "centralised": "tab:purple", "local": "tab:orange",
-          "federated": "tab:green", "local_dp": "tab:red", "federated_dp": "tab:blue"}
+          "federated": "tab:green", "local_dp": "tab:red", "federated_dp": "tab:blue",
+          "dp_series_release": "tab:olive"}
 NAIVE = ("seasonal_naive", "last_value")
 # the DP method at ε = inf is, by definition, its non-private twin (simulations/sweep.py)
 PLAIN_TWIN = {"local_dp": "local", "federated_dp": "federated"}
@@ -135,7 +137,7 @@ def _mark_clipped(ax: Any, x: np.ndarray, y: np.ndarray, top: float, color: str)
     return over
 
 
-DODGE = {"local_dp": 0.94, "federated_dp": 1.06}  # x factors (log axis): the error bars side by side
+DODGE = {"local_dp": 0.94, "federated_dp": 1.06, "dp_series_release": 1.0}  # x factors (log axis): the error bars side by side
 
 
 def _dp_curve(ax: Any, st: pd.DataFrame, method: str, x_inf: float, top: float) -> None:
@@ -198,7 +200,7 @@ def plot_privacy_utility(table: pd.DataFrame, path: Path, metrics: tuple[str, ..
             continue
         top *= 1.08
         x_inf = _epsilon_axis(ax, eps_all)
-        for method in ("local_dp", "federated_dp"):
+        for method in ("local_dp", "federated_dp", "dp_series_release"):
             _dp_curve(ax, st, method, x_inf, top)
         _baselines(ax, base, top)
         ax.set_ylim(0, top)

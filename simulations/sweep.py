@@ -335,8 +335,7 @@ def _evaluate_cell(h: B.Hospitals, at: dict[str, Any], seed: int, origin: str, e
     # `local` and `federated` are needed for ε = inf of their DP versions even if not asked for
     needed = list(non_private)
     if math.inf in epsilons:
-        needed += [plain for dp, plain in (("local_dp", "local"), ("federated_dp", "federated"))
-                   if dp in private and plain not in needed]
+        needed += [plain for dp, plain in B.PLAIN_TWIN.items() if dp in private and plain not in needed]
     cell: list[tuple[B.MethodResult, float]] = []
     plain_results: dict[str, B.MethodResult] = {}
     for m in needed:
@@ -347,12 +346,14 @@ def _evaluate_cell(h: B.Hospitals, at: dict[str, Any], seed: int, origin: str, e
     for eps in epsilons:
         for m in private:
             step(f"{where}: {m} at ε={_eps_label(eps)}")
-            if math.isinf(eps):
-                src = plain_results["local" if m == "local_dp" else "federated"]
+            if math.isinf(eps) and m in B.PLAIN_TWIN:
+                src = plain_results[B.PLAIN_TWIN[m]]
                 res = B.MethodResult(m, eps, src.pred, src.eps_spent, dict(src.overall), src.per_hospital.copy(),
                                      list(src.rounds))
             else:
-                run = B.run_settings(**{**at, "epsilon": eps})
+                # ε = inf is no run-config value (nodes refuse it); only the series release takes it
+                run = (dataclasses.replace(base, epsilon=math.inf) if math.isinf(eps)
+                       else B.run_settings(**{**at, "epsilon": eps}))
                 res = B.run_private(h, run, runs_dir, f"seed{seed}-{origin}-eps{_eps_label(eps)}", [m])[0]
             cell.append((res, eps))
     with_relative_mae([res for res, _ in cell], reference)

@@ -29,9 +29,10 @@ ROUNDS = 4
 HOSPITALS = [f"hospital_{i:03d}" for i in range(3)]
 
 
-def _command(engine: str, out: Path, resume: bool = False) -> list[str]:
+def _command(engine: str, out: Path, resume: bool = False, workers: int = 1) -> list[str]:
     return [sys.executable, "-m", "fedalloc", "simulate", "--engine", engine, "--hospitals", "3",
-            "--rounds", str(ROUNDS), "--name", "R", "--out", str(out), *(["--resume"] if resume else [])]
+            "--rounds", str(ROUNDS), "--name", "R", "--out", str(out), *(["--resume"] if resume else []),
+            *(["--workers", str(workers)] if workers != 1 else [])]
 
 
 def _env() -> dict[str, str]:
@@ -116,9 +117,21 @@ def _check_resumed(run: Path) -> None:
         assert led.epsilon() <= 3.0 + 1e-9, f"{f.name}: ε {led.epsilon()}"
 
 
-def _interrupt_then_resume(engine: str, out: Path, start_timeout: float, run_timeout: float) -> None:
+def _group_gone(pgid: int, within: float = 3.0) -> bool:
+    """No process of the command's process group (its workers included) is left."""
+    until = time.monotonic() + within
+    while time.monotonic() < until:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _interrupt_then_resume(engine: str, out: Path, start_timeout: float, run_timeout: float, workers: int = 1) -> None:
     run = out / "R"
-    proc = subprocess.Popen(_command(engine, out), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(_command(engine, out, workers=workers), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         elapsed, stdout, stderr = _interrupt_mid_run(proc, run, start_timeout)
@@ -130,9 +143,11 @@ def _interrupt_then_resume(engine: str, out: Path, start_timeout: float, run_tim
     lines = [line for line in stderr.splitlines() if line.startswith("fedalloc: interrupted")]
     assert len(lines) == 1, f"stderr after SIGINT ({elapsed:.1f} s):\n{stderr}"
     assert "Traceback" not in stderr + stdout, stderr
+    if workers > 1:  # the node workers (and Python's forkserver) left with the command
+        assert _group_gone(proc.pid), "a process of the interrupted command is still running"
     done = _check_interrupted_state(run)
 
-    res = subprocess.run(_command(engine, out, resume=True), cwd=REPO, env=_env(), capture_output=True, text=True,
+    res = subprocess.run(_command(engine, out, resume=True, workers=workers), cwd=REPO, env=_env(), capture_output=True, text=True,
                          timeout=run_timeout, start_new_session=True)
     assert res.returncode == 0, f"resume after round {done} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
     _check_resumed(run)
@@ -140,6 +155,10 @@ def _interrupt_then_resume(engine: str, out: Path, start_timeout: float, run_tim
 
 def test_ctrl_c_on_the_inprocess_engine_then_resume(tmp_path):
     _interrupt_then_resume("inprocess", tmp_path, start_timeout=180, run_timeout=300)
+
+
+def test_ctrl_c_on_the_inprocess_engine_with_two_workers_then_resume(tmp_path):
+    _interrupt_then_resume("inprocess", tmp_path, start_timeout=180, run_timeout=300, workers=2)
 
 
 def test_ctrl_c_on_the_ray_engine_then_resume(tmp_path):
