@@ -147,7 +147,13 @@ def read_records(path: str | Path) -> pd.DataFrame:
     except (OSError, ValueError, EOFError, csv.Error) as exc:
         # The exception text may quote file content; keep only its type.
         raise RecordsError([Problem(file, None, None, f"unreadable file ({type(exc).__name__})")]) from exc
-    df.columns = [str(c).strip() for c in df.columns]
+    names = [str(c).strip() for c in df.columns]
+    seen = {n for n in names if names.count(n) > 1}
+    if seen:
+        # Two columns of one name would make every later check ambiguous (which one is the date?).
+        raise RecordsError([Problem(file, 1, None, f"duplicate column name(s) {', '.join(sorted(map(repr, seen)))} "
+                                                   "in the header")])
+    df.columns = names
     return df
 
 

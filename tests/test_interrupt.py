@@ -35,6 +35,13 @@ def _command(engine: str, out: Path, resume: bool = False, workers: int = 1) -> 
             *(["--workers", str(workers)] if workers != 1 else [])]
 
 
+def _foreground_sigint() -> None:
+    """The command as started from a terminal: SIGINT at its default. A suite run in the background
+    of a non-interactive shell (`bash .ci/run &`) inherits SIGINT ignored, and Python then keeps
+    ignoring it: the command would finish its run instead of stopping (seen on such a run)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in ("PYTHONWARNINGS", "RAY_ADDRESS")}
 
@@ -132,7 +139,7 @@ def _group_gone(pgid: int, within: float = 3.0) -> bool:
 def _interrupt_then_resume(engine: str, out: Path, start_timeout: float, run_timeout: float, workers: int = 1) -> None:
     run = out / "R"
     proc = subprocess.Popen(_command(engine, out, workers=workers), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, preexec_fn=_foreground_sigint)
     try:
         elapsed, stdout, stderr = _interrupt_mid_run(proc, run, start_timeout)
     finally:

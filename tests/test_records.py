@@ -126,6 +126,13 @@ def test_empty_file(tmp_path):
     assert "empty file" in str(p)
 
 
+def test_column_names_equal_once_stripped_are_one_line_error(tmp_path):
+    """`drg_group` and ` drg_group` are one column after stripping: refused, not a crash."""
+    p = only(problems_of(write(tmp_path, ["admit_date,drg_group, drg_group", "2024-01-01,cardiac,cardiac"])))
+    assert (p.file, p.row) == ("records.csv", 1) and "duplicate column name(s) 'drg_group'" in p.message
+    assert_one_line(p)
+
+
 def test_header_only_file(tmp_path):
     p = only(problems_of(write(tmp_path, [HEADER])))
     assert p.row is None and "empty file" in p.message
