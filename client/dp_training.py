@@ -114,6 +114,9 @@ def _train(model: nn.Module, ex: Examples, noise_multiplier: float | None, max_g
         for p in model.parameters():
             torch.nan_to_num_(p, nan=0.0, posinf=0.0, neginf=0.0)
     if noise_multiplier is not None:
+        # Opacus wraps `model` in place; unhook it so the caller gets a plain module back (a later
+        # autograd pass on it, e.g. the interval's delta method, would otherwise hit stale hooks).
+        train_model._close()
         hist = engine.accountant.history
         return StepPlan(sample_rate=float(hist[0][1]), steps=int(sum(h[2] for h in hist)))
     return StepPlan(sample_rate=1.0 / max(len(loader), 1), steps=steps)

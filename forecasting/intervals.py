@@ -84,11 +84,8 @@ def window_gradient(model: torch.nn.Module, window: np.ndarray, first_target: pd
     n_groups = m.shape[0]
     x = torch.sign(m) * torch.log1p(m.abs())  # the model's input transform (signed log1p)
     season = torch.from_numpy(np.repeat(season_features(pd.DatetimeIndex([first_target])), n_groups, axis=0))
-    # A fresh copy: a model Opacus trained in place may still carry its per-sample-gradient hooks.
-    clone = type(model)(model.lags, model.horizon, model.n_groups, model.harmonics)
-    clone.load_state_dict(model.state_dict())
-    clone.eval()
-    total = clone.horizon * clone.mean_forecast(x, torch.arange(n_groups), season).sum()
+    model.eval()
+    total = model.horizon * model.mean_forecast(x, torch.arange(n_groups), season).sum()
     (grad,) = torch.autograd.grad(total, m)
     return grad.double().numpy().T
 

@@ -75,31 +75,39 @@ class LagMix(nn.Module):
         return (z * torch.softmax(self.logits, dim=0)).sum(dim=1, keepdim=True) * scale
 
 
-class SeasonalForecaster(nn.Module):
+class SeasonalProfile(nn.Module):
+    """What both forecasters share: the window shape, the per-group Fourier log-profile f_g (one
+    Embedding row of (a_k, b_k) per group: f = Σ a_k sin kθ + b_k cos kθ) and the period length."""
+
     def __init__(self, lags: int, horizon: int, n_groups: int, harmonics: int = HARMONICS,
                  period: str = "week") -> None:
         super().__init__()
         if period not in PERIOD_DAYS:
             raise ValueError(f"unknown period {period!r}; expected one of {sorted(PERIOD_DAYS)}")
         self.lags, self.horizon, self.n_groups, self.harmonics = lags, horizon, n_groups, harmonics
-        # (a_k, b_k): f = Σ a_k sin kθ + b_k cos kθ; skip_init: no RNG draw, zeroed below
-        self.profile = skip_init(nn.Embedding, n_groups, 2 * harmonics)
+        self.profile = skip_init(nn.Embedding, n_groups, 2 * harmonics)  # skip_init: no RNG draw
         nn.init.zeros_(self.profile.weight)
-        self.mix = LagMix(lags)
         self.register_buffer("period_days", torch.tensor([PERIOD_DAYS[period]]))
 
-    def _log_index(self, coef: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-        """f_g at angles `theta` (N, T) for per-row coefficients `coef` (N, 2K) → (N, T)."""
-        return log_profile(coef, theta, self.harmonics)
+    def profile_at(self, group: torch.Tensor, season: torch.Tensor, first: int, last: int) -> torch.Tensor:
+        """f_g at periods first … last − 1 counted from the first target period (season holds its
+        sin/cos), (N, last − first)."""
+        theta_t = torch.atan2(season[:, 0], season[:, 1])
+        step = 2 * math.pi * self.period_days.to(season.dtype) / YEAR_DAYS
+        offsets = torch.arange(first, last, dtype=season.dtype) * step
+        return log_profile(self.profile(group), theta_t[:, None] + offsets[None, :], self.harmonics)
+
+
+class SeasonalForecaster(SeasonalProfile):
+    def __init__(self, lags: int, horizon: int, n_groups: int, harmonics: int = HARMONICS,
+                 period: str = "week") -> None:
+        super().__init__(lags, horizon, n_groups, harmonics, period)
+        self.mix = LagMix(lags)
 
     def mean_forecast(self, x: torch.Tensor, group: torch.Tensor, season: torch.Tensor) -> torch.Tensor:
         """Forecast mean demand per period over the horizon, (N, 1), in the data's units."""
         m = signed_expm1(x)  # (N, lags) block means of the window
-        theta_t = torch.atan2(season[:, 0], season[:, 1])  # angle of the first target period
-        step = 2 * math.pi * self.period_days.to(x.dtype) / YEAR_DAYS
-        offsets = torch.arange(-self.lags, self.horizon, dtype=x.dtype) * step
-        theta = theta_t[:, None] + offsets[None, :]  # (N, lags + horizon)
-        f = self._log_index(self.profile(group), theta)
+        f = self.profile_at(group, season, -self.lags, self.horizon)  # (N, lags + horizon)
         target_index = torch.exp(f[:, self.lags :]).mean(dim=1, keepdim=True)
         return self.mix(m * torch.exp(-f[:, : self.lags])) * target_index
 
@@ -111,10 +119,7 @@ class SeasonalForecaster(nn.Module):
         zero-mean noise on the released window moves D_i (forecasting/intervals.py). Same
         formula as `mean_forecast` and `LagMix.forward`; a test checks the two agree.
         """
-        theta_t = torch.atan2(season[:, 0], season[:, 1])
-        step = 2 * math.pi * self.period_days.to(season.dtype) / YEAR_DAYS
-        offsets = torch.arange(-self.lags, self.horizon, dtype=season.dtype) * step
-        f = self._log_index(self.profile(group), theta_t[:, None] + offsets[None, :])
+        f = self.profile_at(group, season, -self.lags, self.horizon)
         target_index = torch.exp(f[:, self.lags :]).mean(dim=1, keepdim=True)
         scale = torch.exp(self.mix.log_scale.clamp(-SCALE_LIMIT, SCALE_LIMIT))
         weights = torch.softmax(self.mix.logits, dim=0)[None, :] * scale
@@ -157,7 +162,7 @@ class Forecaster(nn.Module):
 LOG_CENTRE = 3.0
 
 
-class LogLinearForecaster(nn.Module):
+class LogLinearForecaster(SeasonalProfile):
     """log1p(forecast mean per period) = b + Σ_j w_j · (x_j − c) + f_g(target),  x_j = the window's
     block means in signed log1p (the model's input), f_g the per-group Fourier log-profile
     averaged over the horizon's periods.
@@ -177,24 +182,14 @@ class LogLinearForecaster(nn.Module):
 
     def __init__(self, lags: int, horizon: int, n_groups: int, harmonics: int = HARMONICS,
                  period: str = "week") -> None:
-        super().__init__()
-        if period not in PERIOD_DAYS:
-            raise ValueError(f"unknown period {period!r}; expected one of {sorted(PERIOD_DAYS)}")
-        self.lags, self.horizon, self.n_groups, self.harmonics = lags, horizon, n_groups, harmonics
-        self.lags, self.horizon, self.n_groups, self.harmonics = lags, horizon, n_groups, harmonics
-        self.profile = skip_init(nn.Embedding, n_groups, 2 * harmonics)  # no RNG draw: zeroed below
-        nn.init.zeros_(self.profile.weight)
+        super().__init__(lags, horizon, n_groups, harmonics, period)
         self.lag = skip_init(nn.Linear, lags, 1)  # a stock layer (Opacus has its per-sample gradient); set below
         with torch.no_grad():
             self.lag.weight.fill_(1.0 / lags)
             self.lag.bias.fill_(LOG_CENTRE)
-        self.register_buffer("period_days", torch.tensor([PERIOD_DAYS[period]]))
 
     def forward(self, x: torch.Tensor, group: torch.Tensor, season: torch.Tensor) -> torch.Tensor:
-        theta_t = torch.atan2(season[:, 0], season[:, 1])
-        step = 2 * math.pi * self.period_days.to(x.dtype) / YEAR_DAYS
-        theta = theta_t[:, None] + torch.arange(self.horizon, dtype=x.dtype) * step
-        f = log_profile(self.profile(group), theta, self.harmonics).mean(dim=1, keepdim=True)
+        f = self.profile_at(group, season, 0, self.horizon).mean(dim=1, keepdim=True)
         return (self.lag(x - LOG_CENTRE) + f).expand(-1, self.horizon)
 
     def mean_forecast(self, x: torch.Tensor, group: torch.Tensor, season: torch.Tensor) -> torch.Tensor:

@@ -88,7 +88,7 @@ def fit(model: torch.nn.Module, ex: Any, steps: int = STEPS, lr: float = LR) -> 
 
 def _key(run: RunSettings, hospitals: int) -> tuple:
     return (run.lags, run.horizon, run.release_blocks, run.period, run.measure, float(run.los_cap),
-            str(pd.Timestamp(run.cutoff).date()), int(hospitals), getattr(run, "model", "seasonal"))
+            str(pd.Timestamp(run.cutoff).date()), int(hospitals), run.model)
 
 
 @lru_cache(maxsize=32)
@@ -132,7 +132,7 @@ def initial_model(run: RunSettings, hospitals: int | None = None) -> torch.nn.Mo
         hospitals = int(getattr(run, "pretrain_hospitals", PUBLIC_HOSPITALS))
     groups = tuple(getattr(run, "group_list", DRG_GROUPS))
     model = build_model(run.lags, run.horizon, len(groups), seed=run.seed, period=run.period,
-                        kind=getattr(run, "model", "seasonal"))
+                        kind=run.model)
     if hospitals > 0:
         model.load_state_dict(onto_catalogue(pretrained_state(run, hospitals), groups))
     return model

@@ -150,37 +150,34 @@ class InProcessGrid(Grid):
         return list(self.contexts)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids, delivered = self._accept(messages)
         if self.pool is not None:
-            return self._push_to_pool(messages)
-        ids = []
-        for msg in messages:
-            msg_id = str(uuid4())
-            msg.metadata.__dict__["_message_id"] = msg_id
-            ids.append(msg_id)
-            node = msg.metadata.dst_node_id
-            if self.drop and self.drop(node, msg.metadata.group_id):
-                continue
-            incoming = _wire(msg)
-            reply = _wire(_serve(self.client_app, incoming, self.contexts[node]))  # type: ignore[arg-type]
+            self._push_to_pool(delivered)
+            return ids
+        for msg_id, node, msg in delivered:
+            reply = _wire(_serve(self.client_app, _wire(msg), self.contexts[node]))  # type: ignore[arg-type]
             if self.tap:
                 self.tap(reply)
             self._replies[msg_id] = reply
         return ids
 
-    def _push_to_pool(self, messages: Iterable[Message]) -> list[str]:
-        """All messages of the batch run concurrently across the workers; replies are tapped and
-        stored in the order of the messages, as with one process."""
-        ids, jobs, incoming = [], [], {}
+    def _accept(self, messages: Iterable[Message]) -> tuple[list[str], list[tuple[str, int, Message]]]:
+        """Give every message its id; (all ids, the (id, node, message) not dropped, in order)."""
+        ids, delivered = [], []
         for msg in messages:
             msg_id = str(uuid4())
             msg.metadata.__dict__["_message_id"] = msg_id
             ids.append(msg_id)
             node = msg.metadata.dst_node_id
-            if self.drop and self.drop(node, msg.metadata.group_id):
-                continue
-            data = _to_bytes(msg)
-            incoming[msg_id] = data
-            jobs.append((msg_id, node, data))
+            if not (self.drop and self.drop(node, msg.metadata.group_id)):
+                delivered.append((msg_id, node, msg))
+        return ids, delivered
+
+    def _push_to_pool(self, delivered: list[tuple[str, int, Message]]) -> None:
+        """All messages of the batch run concurrently across the workers; replies are tapped and
+        stored in the order of the messages, as with one process."""
+        incoming = {msg_id: _to_bytes(msg) for msg_id, _, msg in delivered}
+        jobs = [(msg_id, node, incoming[msg_id]) for msg_id, node, _ in delivered]
         answers = self.pool.run(jobs)  # type: ignore[union-attr]
         for msg_id, _, _ in jobs:
             answer = answers[msg_id]
@@ -193,7 +190,6 @@ class InProcessGrid(Grid):
             if self.tap:
                 self.tap(reply)
             self._replies[msg_id] = reply
-        return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]

@@ -42,6 +42,10 @@ def test_starts_at_the_window_and_trains_under_opacus():
                     lr=0.05, seed=0)
     assert used.steps == 2 * 3 and used.sample_rate == pytest.approx(1 / 3)  # Opacus: 1 / batches per epoch
     assert all(torch.isfinite(p).all() for p in model.parameters())
+    # handed back unhooked: a later autograd pass (the interval's delta method) works on it
+    from forecasting.intervals import window_gradient
+
+    assert np.isfinite(window_gradient(model, window, pd.Timestamp("2022-06-06"))).all()
 
 
 def test_opacus_per_sample_gradients_are_the_per_example_gradients():
