@@ -16,7 +16,9 @@ In process, both sides start with every node's records already parsed (the bench
 `client.node.series_for`'s cache before the clock), and every round trip of the grid is timed: the
 median training round after round 1 (σ calibration), divided by N, is the per-client-round cost
 least disturbed by other jobs on a shared machine. (Ray workers are other processes: their caches
-start cold.)
+start cold.) On Ray the same median is taken from the wall time of each round trip of Flower's
+in-memory grid (the ServerApp runs in the benchmark's process), so Ray's start-up, which swamps the
+slope at small N, is not in it.
 
 Engines: Flower's Ray simulation (`flwr.simulation.run_simulation`, 2 concurrent actors) and the
 in-process grid (`simulations.inprocess.InProcessGrid`). Every (engine, side, rounds) runs in its
@@ -203,6 +205,12 @@ def _one(engine: str, side: str, rounds: int, data: Path, work: Path) -> dict:
         _preload_series(_node_configs(side, engine, rounds, data, work))
         _instrument(side)
         _time_rounds()
+    else:
+        # The ServerApp runs in this process (a thread of run_simulation) with Flower's in-memory
+        # grid; the ClientApps run in Ray's workers, so only wall time means anything here.
+        from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+
+        _time_rounds(InMemoryGrid)
     backend = {"client_resources": {"num_cpus": 1},
                "init_args": {"num_cpus": 2, "logging_level": "ERROR", "log_to_driver": False}}
     if side == "fedalloc":
@@ -236,14 +244,15 @@ def _one(engine: str, side: str, rounds: int, data: Path, work: Path) -> dict:
             "times": dict(TIMES), "calls": dict(CALLS), "round_times": ROUND_TIMES}
 
 
-ROUND_TIMES: list[tuple[str, float, float]] = []  # (message type, wall s, CPU s) of each in-process round
+ROUND_TIMES: list[tuple[str, float, float]] = []  # (message type, wall s, CPU s) of each round
 
 
-def _time_rounds() -> None:
-    """Time every round trip of the in-process grid (one call per round: train, predict, ...)."""
-    from simulations.inprocess import InProcessGrid
+def _time_rounds(grid_class: type | None = None) -> None:
+    """Time every round trip of the grid (one call per round: train, predict, ...)."""
+    if grid_class is None:
+        from simulations.inprocess import InProcessGrid as grid_class
 
-    real = InProcessGrid.send_and_receive
+    real = grid_class.send_and_receive
 
     def timed(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
         messages = list(messages)
@@ -255,7 +264,7 @@ def _time_rounds() -> None:
             # CPU time as well: other jobs on a shared machine inflate wall time, not CPU time.
             ROUND_TIMES.append((kind, time.perf_counter() - t, time.process_time() - c))
 
-    InProcessGrid.send_and_receive = timed
+    grid_class.send_and_receive = timed
 
 
 def _node_configs(side: str, engine: str, rounds: int, data: Path, work: Path) -> list[dict]:
@@ -285,20 +294,22 @@ def _median_train_round(res: dict, col: int = 1) -> float | None:
     return statistics.median(rounds) if rounds else None
 
 
-def _print_medians(results: dict, r2: int, n: int) -> None:
-    """Median training round after round 1 per client, wall and CPU, for both in-process sides."""
-    print(f"\n## In process: median training round after round 1, per client-round ({r2}-round runs)\n")
+def _print_medians(results: dict, r2: int, n: int, engine: str = "inprocess") -> None:
+    """Median training round after round 1 per client, both sides (Ray: wall only — its clients
+    run in Ray's workers, outside this process's CPU clock)."""
+    print(f"\n## {engine}: median training round after round 1, per client-round ({r2}-round runs)\n")
     print("| side | median round wall s | per client-round wall ms | median round CPU s | per client-round CPU ms |")
     print("|---|---|---|---|---|")
     med, cpu = {}, {}
     for side in ("bare", "fedalloc"):
-        res = results.get(("inprocess", side, r2), {})
+        res = results.get((engine, side, r2), {})
         med[side], cpu[side] = _median_train_round(res, 1), _median_train_round(res, 2)
         if med[side] is not None:
-            print(f"| {side} | {med[side]:.3f} | {med[side] / n * 1000:.1f} | {cpu[side]:.3f} | {cpu[side] / n * 1000:.1f} |")
+            c = f"{cpu[side]:.3f} | {cpu[side] / n * 1000:.1f}" if engine == "inprocess" else "– | –"
+            print(f"| {side} | {med[side]:.3f} | {med[side] / n * 1000:.1f} | {c} |")
     if med["bare"] and med["fedalloc"]:
-        print(f"\nfedalloc / bare, median training round: wall {med['fedalloc'] / med['bare']:.2f}x, "
-              f"CPU {cpu['fedalloc'] / cpu['bare']:.2f}x")
+        c = f", CPU {cpu['fedalloc'] / cpu['bare']:.2f}x" if engine == "inprocess" else ""
+        print(f"\n{engine}: fedalloc / bare, median training round: wall {med['fedalloc'] / med['bare']:.2f}x{c}")
 
 
 def _print_breakdown(results: dict, r1: int, r2: int, n: int) -> None:
@@ -390,8 +401,9 @@ def main(argv: list[str] | None = None) -> None:
     n = args.hospitals
     _print_slopes(results, args.engines, r1, r2, n)
 
+    for engine in args.engines:
+        _print_medians(results, r2, n, engine)
     if "inprocess" in args.engines:
-        _print_medians(results, r2, n)
         _print_breakdown(results, r1, r2, n)
     (out / "results.json").write_text(json.dumps([v for v in results.values()], indent=1))
     print(f"\nraw: {out / 'results.json'}")

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import functools
-import math
 import secrets
 import warnings
-from dataclasses import dataclass
 
 import numpy as np
 import torch

@@ -21,9 +21,14 @@ from core.drg import DRG_GROUPS, catalogue_for, load_catalogue
 from core.records import load_records
 from core.run_config import RunSettings
 from core.series import demand_series
+from forecasting.features import Examples, training_examples
 
 log = logging.getLogger("fedalloc.node")
 
+
+# Cache size: one entry per virtual node a simulation process serves (10,000 nodes in one process;
+# a weekly series is ~50 KB). Smaller, and a big simulation re-reads every file every round.
+NODES_PER_PROCESS = 10_000
 
 DEFAULT_LIMITS = {"max-epsilon-per-run": 3.0, "max-epsilon-per-query": 1.0, "max-rounds-per-run": 50}
 
@@ -113,14 +118,31 @@ def check_catalogue(node: NodeSettings, groups: tuple[str, ...]) -> None:
 
 def series_for(node: NodeSettings, run: RunSettings) -> pd.DataFrame:
     """The node's demand series over the public span [start, cutoff), one column per catalogue group."""
+    return _series_cached(*_series_key(node, run)).copy()
+
+
+def examples_for(node: NodeSettings, run: RunSettings) -> Examples:
+    """The run's training examples from the node's series (the same every round: built once per
+    process, and handed out as copies so one round cannot alter the next one's inputs)."""
+    ex = _examples_cached(_series_key(node, run), run.lags, run.horizon, run.window_stride, run.release_blocks)
+    return Examples(ex.x_log.copy(), ex.group.copy(), ex.season.copy(), ex.y_log.copy())
+
+
+def _series_key(node: NodeSettings, run: RunSettings) -> tuple:
+    """What the series depends on; the file's mtime and size make an edited file a cache miss."""
     groups = run.group_list
     check_catalogue(node, groups)
     stat = os.stat(node.data_path)
-    return _series_cached(str(node.data_path), stat.st_mtime_ns, stat.st_size, run.start, run.cutoff, run.period,
-                          run.measure, run.los_cap, groups, str(node.log_path or "")).copy()
+    return (str(node.data_path), stat.st_mtime_ns, stat.st_size, run.start, run.cutoff, run.period,
+            run.measure, run.los_cap, groups, str(node.log_path or ""))
 
 
-@lru_cache(maxsize=2048)  # one entry per virtual node in a simulation process
+@lru_cache(maxsize=NODES_PER_PROCESS)
+def _examples_cached(series_key: tuple, lags: int, horizon: int, stride: int | None, blocks: int) -> Examples:
+    return training_examples(_series_cached(*series_key), lags, horizon, stride, blocks=blocks)
+
+
+@lru_cache(maxsize=NODES_PER_PROCESS)
 def _series_cached(path: str, mtime: int, size: int, start: str, end: str, period: str, measure: str, los_cap: float,
                    groups: tuple[str, ...] = DRG_GROUPS, log_path: str = "") -> pd.DataFrame:
     records = load_records(path)

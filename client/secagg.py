@@ -63,12 +63,11 @@ def _check_weight_bound(run: RunSettings, node: NodeSettings, context: Context) 
     The mask arithmetic scales the model by num_examples / max_weight; above 1 the weighted
     parameters may be clipped or overflow the modulus and the sum would be silently wrong.
     """
-    from forecasting.features import training_examples
-    from client.node import series_for
+    from client.node import examples_for
 
     state = context.state.config_records.get(RECORD_KEY_STATE)
     max_weight = float(state["max_weight"]) if state is not None and "max_weight" in state else 0.0
-    n = len(training_examples(series_for(node, run), run.lags, run.horizon, run.window_stride, blocks=run.release_blocks))
+    n = len(examples_for(node, run))
     if max_weight <= 0 or n > max_weight:
         raise ValueError(f"num_examples {n} exceeds the SecAgg+ max_weight {max_weight}")
 

@@ -17,14 +17,14 @@ import torch
 from client.accounting import DPSGD, Mechanism
 from client.calibration import RELEASE, release_sigma, training_sigma
 from client.dp_training import plan_steps, predict_counts, train_dp
-from forecasting.features import forecast_inputs, release_window, training_examples
+from forecasting.features import forecast_inputs, release_window
 from forecasting.intervals import interval, public_calibration, release_variance
 from core.protocol import DEMAND_HI, DEMAND_LO, DEMAND_MEDIAN
 from client.ledger import BudgetExceeded, Ledger
 from client.limits import OutsidePlan, check_global_model
 from client.releases import ReleaseStore, fingerprint
 from forecasting.model import build_model, model_for
-from client.node import NodeSettings, open_ledger, series_for
+from client.node import NodeSettings, examples_for, open_ledger, series_for
 from core.run_config import RunSettings
 from core.series import cell_sensitivity
 
@@ -106,8 +106,7 @@ def train_task(
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     check_limits(run, node)  # before the ledger is even opened: nothing is created for a refused run
     check_model(global_state, run)
-    series = series_for(node, run)
-    ex = training_examples(series, run.lags, run.horizon, run.window_stride, blocks=run.release_blocks)
+    ex = examples_for(node, run)
     ledger = open_ledger(node)
     key = run_key(run, run_id)
     plan = noise_plan(ledger, run, node, key, server_round, len(ex))

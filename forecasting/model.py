@@ -44,6 +44,8 @@ the exact unbiasedness under release noise (see its docstring).
 
 from __future__ import annotations
 
+import copy
+import functools
 import math
 
 import torch
@@ -85,8 +87,9 @@ class SeasonalProfile(nn.Module):
         if period not in PERIOD_DAYS:
             raise ValueError(f"unknown period {period!r}; expected one of {sorted(PERIOD_DAYS)}")
         self.lags, self.horizon, self.n_groups, self.harmonics = lags, horizon, n_groups, harmonics
-        self.profile = skip_init(nn.Embedding, n_groups, 2 * harmonics)  # skip_init: no RNG draw
-        nn.init.zeros_(self.profile.weight)
+        # A given weight skips Embedding's random init: no RNG draw, and ~20x cheaper than skip_init
+        # (which runs the init on the meta device), paid by every node on every message.
+        self.profile = nn.Embedding(n_groups, 2 * harmonics, _weight=torch.zeros(n_groups, 2 * harmonics))
         self.register_buffer("period_days", torch.tensor([PERIOD_DAYS[period]]))
 
     def profile_at(self, group: torch.Tensor, season: torch.Tensor, first: int, last: int) -> torch.Tensor:
@@ -183,7 +186,7 @@ class LogLinearForecaster(SeasonalProfile):
     def __init__(self, lags: int, horizon: int, n_groups: int, harmonics: int = HARMONICS,
                  period: str = "week") -> None:
         super().__init__(lags, horizon, n_groups, harmonics, period)
-        self.lag = skip_init(nn.Linear, lags, 1)  # a stock layer (Opacus has its per-sample gradient); set below
+        self.lag = _unit_linear(lags)  # a stock layer (Opacus has its per-sample gradient); set below
         with torch.no_grad():
             self.lag.weight.fill_(1.0 / lags)
             self.lag.bias.fill_(LOG_CENTRE)
@@ -195,6 +198,17 @@ class LogLinearForecaster(SeasonalProfile):
     def mean_forecast(self, x: torch.Tensor, group: torch.Tensor, season: torch.Tensor) -> torch.Tensor:
         """Forecast mean demand per period over the horizon, (N, 1), in the data's units."""
         return torch.expm1(self.forward(x, group, season)[:, :1].clamp(max=PROFILE_OUTPUT_LIMIT))
+
+
+def _unit_linear(lags: int) -> nn.Linear:
+    """A stock nn.Linear(lags, 1) with no RNG draw: a copy of one made once per shape (skip_init
+    costs ~0.4 ms per call, and Opacus finds per-sample gradients by the exact type)."""
+    return copy.deepcopy(_linear_template(lags))
+
+
+@functools.cache
+def _linear_template(lags: int) -> nn.Linear:
+    return skip_init(nn.Linear, lags, 1)
 
 
 # exp(30) ≈ 10^13, far above any demand; keeps a crafted global model's forecast finite.
