@@ -98,6 +98,11 @@ def lifetime_ledger(data_file: Path) -> Path:
     return data_file.resolve().parent / "ledgers" / f"{_stem(data_file)}.json"
 
 
+# Below this many synthetic hospitals, starting generator processes (~1 s CPU each: pandas and
+# pyarrow imports) costs more than generating in this process saves.
+PARALLEL_GENERATION_MIN = 50
+
+
 def prepare_nodes(
     run_path: Path,
     *,
@@ -111,6 +116,7 @@ def prepare_nodes(
     synthetic_data: bool = False,
     groups: tuple[str, ...] = DRG_GROUPS,
     truth_run: RunSettings | None = None,
+    workers: int = 1,
 ) -> SimNodes:
     """Node configs: synthetic hospitals get per-run ledgers, real files their lifetime ledger.
 
@@ -119,19 +125,18 @@ def prepare_nodes(
 
     With `truth_run`, the true demand of each hospital is taken from the records in hand when the
     generator writes them or the check pass loads them (`SimNodes.truth`), so no file is parsed
-    again after the run."""
+    again after the run. `workers=N > 1` generates the hospitals (and their truth) in N processes."""
     nodes_dir = run_path / "nodes"
     synthetic = data_dir is None or synthetic_data
     truth: dict[str, float] | None = None
     if data_dir is None:
         data_dir = nodes_dir
-        on_records = None
-        if truth_run is not None:
-            truth = {}
-            on_records = lambda i, records: truth.__setitem__(  # noqa: E731
-                hospital_name(i), horizon_demand(_typed_truth_columns(records, truth_run), truth_run))
+        found: dict[int, float] = {}
         table = generate(SyntheticConfig(hospitals=hospitals, seed=seed, groups=tuple(groups)), data_dir,
-                         on_records=on_records)
+                         workers=workers, on_summary=found.__setitem__,
+                         summarise=None if truth_run is None else functools.partial(_generated_truth, truth_run))
+        if truth_run is not None:
+            truth = {hospital_name(i): value for i, value in found.items()}
         resources = data_dir / "hospitals.csv"
         files = [data_dir / f"{h}.csv" for h in table.hospital]
     else:
@@ -154,6 +159,11 @@ def prepare_nodes(
             cfg["debug-seed"] = debug_seed
         configs.append(cfg)
     return SimNodes(configs, str(Path(resources).resolve()) if resources else "", truth)
+
+
+def _generated_truth(run: RunSettings, _index: int, records: pd.DataFrame) -> float:
+    # Module level, so a generator worker process can run it next to the records it just wrote.
+    return horizon_demand(_typed_truth_columns(records, run), run)
 
 
 def check_federation_size(n_nodes: int, run: RunSettings, secagg: bool = False) -> None:
@@ -334,7 +344,8 @@ def simulate(
     nodes = prepare_nodes(run_path, hospitals=hospitals, seed=seed, budget=(budget or epsilon) if synthetic else budget,
                           data_dir=data_dir, resources=resources, synthetic_data=synthetic_data,
                           limits={"max-epsilon-per-run": epsilon, "max-rounds-per-run": rounds},
-                          groups=first.group_list, truth_run=first)
+                          groups=first.group_list, truth_run=first,
+                          workers=workers if hospitals >= PARALLEL_GENERATION_MIN else 1)
     settings["resources-file"] = nodes.resources_file
     workflow = None
     if secagg:

@@ -139,3 +139,139 @@ def test_repeat_patients_exist():
     visits = df["patient_id"].value_counts()
     assert (visits >= 2).sum() > 0.05 * len(visits)
     assert visits.max() >= 3
+
+
+# --- the faster generator against the one it replaced (same records, dtypes and bytes) ------------
+# Reference: core/synthetic.py before the ids were built from bytes (commit 1ff8288), copied here.
+
+def _reference_ids(prefix: str, numbers: np.ndarray) -> np.ndarray:
+    digits = np.strings.zfill(np.asarray(numbers, dtype=np.int64).astype(np.str_), 7)
+    return np.strings.add(prefix, digits).astype(object)
+
+
+def _reference_records(cfg: SyntheticConfig, hospital_index: int) -> pd.DataFrame:
+    from core.drg import RELATIVE_WEIGHTS
+    from core.synthetic import (
+        DEFAULT_MEAN_LOS,
+        MEAN_LOS,
+        _daily_rates,
+        _params,
+        _patients,
+        _rngs,
+    )
+
+    params_rng, rng = _rngs(cfg, hospital_index)
+    p = _params(cfg, hospital_index, params_rng)
+    groups = list(cfg.groups)
+    n_g = len(groups)
+    counts = rng.poisson(_daily_rates(cfg, p, rng))
+    cell = np.repeat(np.arange(counts.size), counts.ravel())
+    day, g = cell // n_g, cell % n_g
+    n = len(cell)
+    order = np.lexsort((rng.random(n), day))
+    day, g = day[order], g[order]
+    mean_los = np.array([MEAN_LOS.get(x, DEFAULT_MEAN_LOS) for x in groups])[g]
+    sigma = cfg.los_sigma
+    los = np.floor(rng.lognormal(np.log(mean_los) - sigma**2 / 2, sigma)).astype(np.int64)
+    weight = np.array([RELATIVE_WEIGHTS.get(x, 1.0) for x in groups])[g]
+    cost = cfg.base_cost * weight * (0.6 + 0.4 * los / mean_los) * rng.gamma(8.0, 1 / 8.0, n)
+    cost = np.round(cost, 2)
+    patient, age = _patients(groups, g, day, rng)
+    start = pd.Timestamp(cfg.start).normalize()
+    prefix = f"H{hospital_index:03d}"
+    df = pd.DataFrame(
+        {
+            "encounter_id": _reference_ids(f"{prefix}-E", np.arange(1, n + 1)),
+            "patient_id": _reference_ids(f"{prefix}-P", patient),
+            "admit_date": (np.datetime64(start, "D") + day.astype("timedelta64[D]")).astype("datetime64[ns]"),
+            "drg_group": np.array(groups, dtype=object)[g],
+            "length_of_stay": los,
+            "cost": cost,
+            "age": age,
+        },
+        columns=list(RECORD_COLUMNS),
+    )
+    df["drg_group"] = df["drg_group"].astype("str")
+    return df
+
+
+def _reference_write(df: pd.DataFrame, path: Path) -> None:
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.csv as pa_csv
+
+    name = path.name.lower()
+    if name.endswith(".parquet"):
+        df.to_parquet(path, index=False)
+        return
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    i = table.column_names.index("admit_date")
+    table = table.set_column(i, "admit_date", table["admit_date"].cast(pa.date32()))
+    header = (",".join(table.column_names) + "\n").encode()
+    options = pa_csv.WriteOptions(include_header=False, quoting_style="none")
+    with open(path, "wb") as raw:
+        fh = gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="", compresslevel=6) if name.endswith(".gz") else raw
+        try:
+            fh.write(header)
+            pa_csv.write_csv(table, fh, options)
+        finally:
+            if fh is not raw:
+                fh.close()
+
+
+_ID_CASES = [
+    np.array([0]),
+    np.array([9_999_999, 10_000_000, 5, 123_456_789_012, 99]),  # wider than 7 digits among narrow ones
+    np.array([10_000_000, 99_999_999]),  # all wider
+    np.array([2**63 - 1, 0, 10**18]),  # 19 digits
+    np.array([-5, 3, -12_345_678]),  # never generated, but zfill's sign handling is kept
+    np.arange(1, 25_001),
+    np.random.default_rng(0).integers(0, 10**7, 30_000),
+    np.random.default_rng(1).integers(0, 10**10, 1_000),
+]
+
+
+@pytest.mark.parametrize("numbers", _ID_CASES, ids=lambda a: f"n{len(a)}")
+@pytest.mark.parametrize("prefix", ["H000-E", "H1234-P", ""])
+def test_ids_are_the_numpy_zfill_strings(prefix, numbers):
+    from core.synthetic import _ids
+
+    got = _ids(prefix, numbers)
+    assert got.to_pylist() == list(_reference_ids(prefix, numbers))
+    got.validate(full=True)
+    assert _ids(prefix, np.zeros(0, dtype=np.int64)).to_pylist() == []  # the reference raised here
+
+
+@pytest.mark.parametrize(("cfg", "hospitals"), [
+    (SyntheticConfig(seed=0), range(6)),  # 3 years
+    (SyntheticConfig(years=1, seed=3, groups=("respiratory", "neonatal", "unlisted")), range(3)),
+    (SyntheticConfig(years=6, seed=2), [1]),  # > 2**11 days: the day shuffle's lexsort path
+    (SyntheticConfig(seed=1), [1234]),  # a 4-digit hospital prefix
+])
+def test_records_equal_the_reference_implementation(cfg, hospitals):
+    for i in hospitals:
+        got, want = generate_hospital_records(cfg, i), _reference_records(cfg, i)
+        pd.testing.assert_frame_equal(got, want, check_exact=True)  # values and dtypes (str vs object too)
+        assert [type(got[c].array) for c in got] == [type(want[c].array) for c in want]
+
+
+@pytest.mark.parametrize("fmt", ["csv", "csv.gz", "parquet"])
+def test_written_files_equal_the_reference_implementation(tmp_path, fmt):
+    cfg = SyntheticConfig(hospitals=3, years=2, seed=4)
+    generate(cfg, tmp_path / "new", fmt)
+    suffix = {"csv": ".csv", "csv.gz": ".csv.gz", "parquet": ".parquet"}[fmt]
+    for i in range(cfg.hospitals):
+        ref = tmp_path / f"ref{suffix}"
+        _reference_write(_reference_records(cfg, i), ref)
+        assert (tmp_path / "new" / f"hospital_{i:03d}{suffix}").read_bytes() == ref.read_bytes()
+
+
+def test_a_hospital_without_encounters_is_an_empty_file(tmp_path):
+    """The reference raised (numpy's zfill of no strings); now the header and typed columns."""
+    cfg = SyntheticConfig(hospitals=1, years=0.02, size_bounds=(0.0, 0.0))
+    empty = generate_hospital_records(cfg, 0)
+    assert len(empty) == 0
+    assert (empty.dtypes == generate_hospital_records(SyntheticConfig(years=1), 0).dtypes).all()
+    generate(cfg, tmp_path)
+    assert (tmp_path / "hospital_000.csv").read_text() == ",".join(RECORD_COLUMNS) + "\n"
