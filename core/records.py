@@ -14,7 +14,8 @@ Row numbers
 :func:`validate_records` reports that index. Frames built elsewhere (index not named ``"row"``)
 are reported by 1-based position.
 
-Pure pandas/numpy: imported by nodes, coordinators and researchers alike.
+pandas/numpy (and pyarrow, which pandas' str dtype uses, for the fast path when installed):
+imported by nodes, coordinators and researchers alike.
 """
 
 from __future__ import annotations
@@ -32,6 +33,16 @@ import numpy as np
 import pandas as pd
 
 from core.drg import DRG_GROUPS
+
+# The typed fast path needs pyarrow, and read_csv's default NA spellings (STR_NA_VALUES): it
+# must read exactly those cells as missing to give the general path's frame.
+try:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.csv as pa_csv
+    from pandas._libs.parsers import STR_NA_VALUES
+except ImportError:  # only the typed fast path needs these; load_records then takes the general path
+    pa = None
 
 REQUIRED_COLUMNS: tuple[str, ...] = ("admit_date", "drg_group")
 OPTIONAL_COLUMNS: tuple[str, ...] = ("patient_id", "length_of_stay", "cost", "age", "encounter_id")
@@ -131,7 +142,11 @@ def read_records(path: str | Path) -> pd.DataFrame:
     empty file (no header) or malformed CSV (e.g. a row with more fields than the header).
     A file with a header but no rows is returned empty; :func:`validate_records` reports it.
     """
-    path = Path(path)
+    return _read_records(Path(path), None)
+
+
+def _read_records(path: Path, data: bytes | None) -> pd.DataFrame:
+    """:func:`read_records`, for a CSV from ``data`` (its :func:`_read_bytes`) when already read."""
     file = path.name
     kind = _kind(path)
     if kind is None:
@@ -141,7 +156,7 @@ def read_records(path: str | Path) -> pd.DataFrame:
     if not path.is_file():
         raise RecordsError([Problem(file, None, None, "file not found")])
     try:
-        df = _read_csv(path, file) if kind == "csv" else _read_parquet(path, file)
+        df = _read_csv(path, file, data) if kind == "csv" else _read_parquet(path, file)
     except RecordsError:
         raise
     except (OSError, ValueError, EOFError, csv.Error) as exc:
@@ -285,8 +300,8 @@ def _parse_csv(data: bytes, grid: bool) -> pd.DataFrame:
         return pd.read_csv(io.BytesIO(data), index_col=False, **kwargs)
 
 
-def _read_csv(path: Path, file: str) -> pd.DataFrame:
-    data = _read_bytes(path)
+def _read_csv(path: Path, file: str, data: bytes | None = None) -> pd.DataFrame:
+    data = _read_bytes(path) if data is None else data
     layout = _simple_layout(data, file)
     lines, grid = (_csv_layout(path, file)[1], False) if layout is None else layout
     try:
@@ -605,9 +620,16 @@ def load_records(path: str | Path) -> pd.DataFrame:
     stripped), ``length_of_stay``/``cost``/``age`` float64 (NaN where empty), and
     ``patient_id``/``encounter_id`` str (NaN where empty) when present. Extra columns are dropped
     so nothing beyond the schema travels further into the pipeline.
+
+    A clean CSV (see :func:`_typed_csv`) is typed straight from pyarrow's parse; the frame is the
+    one the general path below would return.
     """
     path = Path(path)
-    raw = read_records(path)
+    data = _csv_bytes(path)
+    typed = None if data is None else _typed_csv(data)
+    if typed is not None:
+        return typed
+    raw = _read_records(path, data)  # the bytes are not read twice
     columns = _Columns(raw)  # validation's conversions are reused for typing
     problems = _validate(raw, path.name, columns)
     if problems:
@@ -635,3 +657,176 @@ def _typed(raw: pd.DataFrame, columns: _Columns) -> pd.DataFrame:
     typed = pd.DataFrame(out)
     typed.index = pd.RangeIndex(len(typed))
     return typed
+
+
+# ---------------------------------------------------------------------------------------------
+# Typed fast path
+#
+# Validating a clean file cell by cell as text (so that a bad cell can be named) is most of the
+# cost of load_records. For a CSV whose every known cell is in a form where pyarrow's typed
+# conversion and the general path provably agree, the typed frame is built from pyarrow's parse
+# directly. Every other file (anything unusual, and every file with a problem) returns None here
+# and takes the general path, which words the errors; tests/test_records_fast_path.py compares
+# the two on fuzzed files.
+
+# Numbers: digits and at most a point (pyarrow rejects two), at most 15 characters. Such a value
+# is an exact integer below 2**53 over a power of ten up to 1e14, so every correctly rounded
+# parser (pyarrow's, pandas' fast_float, pandas' older precise_xstrtod) gives the same float;
+# and none is negative, non-finite, -0.0 (pandas reads '-0' as the int 0) or an NA spelling.
+_DECIMAL_BYTES = b"0123456789."
+_MAX_DECIMAL = 15
+_DATE_DIGITS = [0, 1, 2, 3, 5, 6, 8, 9]  # YYYY-MM-DD
+
+
+def _csv_bytes(path: Path) -> bytes | None:
+    """A CSV's bytes as the general path would read them, or None (not a CSV, or unreadable:
+    the general path then words the error)."""
+    if _kind(path) != "csv" or not path.is_file():
+        return None
+    try:
+        return _read_bytes(path)
+    except (OSError, ValueError, EOFError):
+        return None
+
+
+def _plain_names(data: bytes) -> list[str] | None:
+    """The header's names when the first line is a plain header the general path would read as
+    is: names non-empty, unique and without surrounding whitespace (it strips them)."""
+    end = data.find(b"\n")
+    line = (data if end < 0 else data[:end]).decode("utf-8")
+    names = line[:-1].split(",") if line.endswith("\r") else line.split(",")
+    if not all(n and n == n.strip() for n in names) or len(set(names)) != len(names):
+        return None
+    return names
+
+
+def _typed_csv(data: bytes) -> pd.DataFrame | None:
+    """:func:`load_records`' frame for a clean CSV, from pyarrow's parse, or None.
+
+    None whenever the general path might read the file differently, or might find a problem:
+    quotes, NUL or bare CR bytes (record boundaries), an unusual header, a row of another
+    width (pyarrow raises), no data rows, or any known cell outside the forms checked below.
+    Blank lines are skipped by both readers; the frame's index is fresh, so line numbers
+    (which only errors carry) do not matter here.
+    """
+    if pa is None or b'"' in data or b"\0" in data:
+        return None
+    if b"\r" in data and data.count(b"\r") != data.count(b"\r\n"):
+        return None
+    names = _plain_names(data)
+    if names is None or not set(REQUIRED_COLUMNS) <= set(names):
+        return None
+    known = [c for c in (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS) if c in names]
+    try:
+        table = pa_csv.read_csv(
+            io.BytesIO(data),
+            # One thread: a node's file is small and nodes already run in parallel processes.
+            read_options=pa_csv.ReadOptions(use_threads=False),
+            # Text, with read_csv's default NA spellings as the only nulls: each column is then
+            # checked and converted below, where the conditions for agreement can be stated.
+            convert_options=pa_csv.ConvertOptions(
+                column_types={c: pa.string() for c in known}, include_columns=known,
+                null_values=sorted(STR_NA_VALUES), strings_can_be_null=True,
+                quoted_strings_can_be_null=True),
+        )
+        if table.num_rows == 0:
+            return None
+        out = {c: _typed_column(c, table.column(c).combine_chunks()) for c in known}
+    except (pa.ArrowException, ValueError):  # a parse or cast error: the general path decides
+        return None
+    if any(v is None for v in out.values()):
+        return None
+    typed = pd.DataFrame(out)
+    typed.index = pd.RangeIndex(len(typed))
+    return typed
+
+
+def _typed_column(column: str, arr: pa.Array) -> pd.Series | None:
+    """The general path's typed column for a clean pyarrow text column, or None."""
+    data, offsets, valid = _utf8(arr)
+    if column == "admit_date":
+        days = _iso_dates(arr) if valid.all() else None
+        return None if days is None else pd.Series(days)
+    if column in NUMERIC_COLUMNS:
+        values = _decimals(arr, data, offsets, valid)
+        if values is None or (column == "age" and ((values < AGE_RANGE[0]) | (values > AGE_RANGE[1])).any()):
+            return None
+        return pd.Series(values)
+    if column in REQUIRED_COLUMNS and not valid.all():
+        return None
+    starts, ends = offsets[:-1][valid], offsets[1:][valid]
+    if (ends <= starts).any() or not (_printable(data[starts]) and _printable(data[ends - 1])):
+        return None
+    if column == "encounter_id" and not _unique(arr):
+        return None
+    # The general path's dtype: its text columns are .astype("str"), and missing ids are NaN.
+    return pd.Series(pd.array(arr, dtype="str"))
+
+
+def _utf8(arr: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A pyarrow string array's bytes, cell offsets into them and validity, as numpy views: the
+    checks look at a few bytes per cell without making a Python string of each."""
+    if arr.type != pa.string():
+        raise ValueError(f"unexpected arrow type {arr.type}")
+    _, offsets, values = arr.buffers()
+    off = np.frombuffer(offsets, dtype=np.int32)[arr.offset: arr.offset + len(arr) + 1]
+    data = np.frombuffer(values, dtype=np.uint8) if values is not None else np.zeros(0, dtype=np.uint8)
+    valid = np.ones(len(arr), dtype=bool) if arr.null_count == 0 else arr.is_valid().to_numpy(zero_copy_only=False)
+    return data, off, valid
+
+
+def _printable(edge: np.ndarray) -> bool:
+    """Whether these first or last bytes of text cells are all printable non-space ASCII: such a
+    cell is what the general path's whitespace stripping leaves (Python's and pyarrow's notions
+    of whitespace differ beyond ASCII; cells edged with it are rare and take the general path)."""
+    return bool(((edge - np.uint8(0x21)) < 0x7F - 0x21).all())  # uint8: below 0x21 wraps high
+
+
+def _iso_dates(arr: pa.Array) -> np.ndarray | None:
+    """datetime64[ns] of cells that are all exactly YYYY-MM-DD, real dates within DATE_RANGE, or
+    None. Such a date is what ISO 8601 parsing and normalising to midnight give. Checked once
+    per distinct text: a file repeats each admission date many times."""
+    encoded = pc.dictionary_encode(arr)
+    distinct = _distinct_dates(*_utf8(encoded.dictionary)[:2])
+    return None if distinct is None else distinct[encoded.indices.to_numpy()]
+
+
+def _distinct_dates(data: np.ndarray, offsets: np.ndarray) -> np.ndarray | None:
+    if not (np.diff(offsets) == 10).all():
+        return None
+    cells = data[offsets[0]:offsets[-1]].reshape(-1, 10)
+    digits = (cells[:, _DATE_DIGITS] - ord("0")).astype(np.int64)  # bytes below '0' wrap past 9
+    if (digits > 9).any() or (cells[:, [4, 7]] != ord("-")).any():
+        return None
+    year = digits[:, :4] @ np.array([1000, 100, 10, 1])
+    month, day = digits[:, 4] * 10 + digits[:, 5], digits[:, 6] * 10 + digits[:, 7]
+    if ((month < 1) | (month > 12) | (day < 1)).any():
+        return None
+    months = ((year - 1970) * 12 + month - 1).astype("datetime64[M]")
+    days = months.astype("datetime64[D]") + (day - 1)
+    if (days.astype("datetime64[M]") != months).any():  # past the month's end (2023-02-30)
+        return None
+    # Compared in days: a year like 0147 overflows datetime64[ns] without an error. A midnight
+    # is at or after a bound exactly when it is at or after the bound's next midnight.
+    lo, hi = (np.datetime64(bound.ceil("D").to_datetime64(), "D") for bound in DATE_RANGE)
+    return days.astype("datetime64[ns]") if ((days >= lo) & (days < hi)).all() else None
+
+
+def _decimals(arr: pa.Array, data: np.ndarray, offsets: np.ndarray, valid: np.ndarray) -> np.ndarray | None:
+    """float64 (NaN where missing) of cells that are all plain decimals (see _DECIMAL_BYTES), or None."""
+    lengths = np.diff(offsets)
+    # pyarrow stores no bytes for a null cell; were it to, they would only make this stricter.
+    if (lengths[valid] == 0).any() or (lengths > _MAX_DECIMAL).any():
+        return None
+    if data[offsets[0]:offsets[-1]].tobytes().translate(None, _DECIMAL_BYTES):  # bytes left: not a decimal
+        return None
+    return pc.cast(arr, pa.float64()).to_numpy(zero_copy_only=False)  # '.' or '1.2.3' raise
+
+
+def _unique(arr: pa.Array) -> bool:
+    """No encounter id repeated. Exports are often in id order: strictly increasing is unique and
+    a cheap comparison; otherwise the values are hashed."""
+    ids = arr.drop_null()  # nulls compare as null, which pc.all would skip
+    if len(ids) < 2 or pc.all(pc.greater(ids[1:], ids[:-1])).as_py():
+        return True
+    return len(pc.unique(ids)) == len(ids)

@@ -344,8 +344,7 @@ def simulate(
     nodes = prepare_nodes(run_path, hospitals=hospitals, seed=seed, budget=(budget or epsilon) if synthetic else budget,
                           data_dir=data_dir, resources=resources, synthetic_data=synthetic_data,
                           limits={"max-epsilon-per-run": epsilon, "max-rounds-per-run": rounds},
-                          groups=first.group_list, truth_run=first,
-                          workers=workers if hospitals >= PARALLEL_GENERATION_MIN else 1)
+                          groups=first.group_list, truth_run=first, workers=workers if hospitals >= PARALLEL_GENERATION_MIN else 1)
     settings["resources-file"] = nodes.resources_file
     workflow = None
     if secagg:
