@@ -1,9 +1,10 @@
 """The one atomic file write: a crash leaves either the old or the new file, never a torn one.
 
-Used for everything fedalloc must not lose or half-write: a node's ledger, its marker and stored
-releases (client/), the coordinator's checkpoints, state and results (server/), allocation tables.
-`durable=True` (the default) also fsyncs the file and its folder, so the new file survives a power
-loss once this returns: a ledger charge is on disk before the work it pays for.
+Used for everything fedalloc must not lose or half-write: a node's ledger marker and stored
+releases (client/; the ledger itself is a SQLite database, client/ledger.py), the coordinator's
+checkpoints, state and results (server/), allocation tables. `durable=True` (the default) also
+fsyncs the file and its folder, so the new file survives a power loss once this returns: a stored
+update is on disk before it is sent.
 """
 
 from __future__ import annotations

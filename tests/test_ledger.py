@@ -1,9 +1,12 @@
-"""Ledger enforcement: pre-charge, refusal, persistence, crash safety, no silent reset."""
+"""Ledger enforcement: pre-charge, refusal, persistence, crash safety, no silent reset.
+
+The SQLite specifics (migration from JSON, concurrent processes, kill -9, fsyncs) are in
+tests/test_ledger_sqlite.py.
+"""
 
 from __future__ import annotations
 
-import json
-import os
+import sqlite3
 
 import numpy as np
 import pytest
@@ -29,14 +32,24 @@ def test_charge_is_persisted_and_read_back_after_restart(tmp_path):
     assert eps2 > eps
 
 
+def _on_disk(path):
+    """What a ledger holds on disk: its file, its write-ahead log and SQLite's commit counter."""
+    wal = path.with_name(path.name + "-wal")
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as other:
+        version = other.execute("PRAGMA data_version").fetchone()[0]
+        rows = other.execute("SELECT count(*) FROM entries").fetchone()[0]
+    return path.read_bytes(), wal.read_bytes() if wal.exists() else b"", version, rows
+
+
 def test_refuses_over_budget_and_leaves_file_untouched(tmp_path):
     path = tmp_path / "l.json"
     led = open_ledger(path, budget=1.0)
     led.charge([Mechanism(3.0, 0.1, 10)], run="r", purpose="train")
-    before = path.read_bytes()
+    before = _on_disk(path)
     with pytest.raises(BudgetExceeded):
         led.charge([Mechanism(0.5, 1.0, 10)], run="r", purpose="train")
-    assert path.read_bytes() == before
+    assert _on_disk(path) == before
+    assert len(led.entries) == len(open_ledger(path, budget=1.0).entries) == 1
 
 
 def test_concurrent_handles_cannot_double_spend(tmp_path):
@@ -62,6 +75,7 @@ def test_corrupt_ledger_is_an_error_never_a_reset(tmp_path):
     with pytest.raises(LedgerError, match="corrupt"):
         open_ledger(path)
     assert path.read_text().endswith("[tru")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["l.json", "l.json.lock"]  # no backup, no database
 
 
 def test_ledger_of_another_node_is_refused(tmp_path):
@@ -82,28 +96,42 @@ def test_budget_cannot_grow_but_can_shrink(tmp_path):
 def test_malformed_entry_is_detected(tmp_path):
     path = tmp_path / "l.json"
     open_ledger(path).charge([Mechanism(2.0, 0.1, 5)], run="r", purpose="x")
-    data = json.loads(path.read_text())
-    data["entries"][0]["steps"] = -5
-    path.write_text(json.dumps(data))
-    with pytest.raises(LedgerError, match="malformed"):
+    with sqlite3.connect(path) as other:  # a row written by something other than Ledger.charge
+        other.execute("INSERT INTO entries (run, run_id, round, purpose, kind, relation, noise_multiplier, "
+                      "sample_rate, steps, sensitivity, epsilon_after, time) "
+                      "VALUES ('r', '', 1, 'x', 'dpsgd', 'replace_one', 2.0, 0.1, -5, 1.0, 0.1, '')")
+    with pytest.raises(LedgerError, match="entry 1 is malformed"):
         open_ledger(path)
 
 
-def test_failed_write_keeps_previous_ledger(tmp_path, monkeypatch):
+def test_entries_cannot_be_edited_in_place(tmp_path):
     path = tmp_path / "l.json"
     led = open_ledger(path)
     led.charge([Mechanism(2.0, 0.1, 5)], run="r", purpose="x")
-    before = path.read_bytes()
+    led.set_plan("r", {"rounds": 1})
+    with sqlite3.connect(path) as other:
+        for sql in ("UPDATE entries SET steps = 1", "DELETE FROM entries",
+                    "UPDATE meta SET value = 9 WHERE key = 'budget'", "DELETE FROM plans"):
+            with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+                other.execute(sql)
 
-    def boom(*a, **k):
-        raise OSError("disk full")
 
-    monkeypatch.setattr(os, "replace", boom)
-    with pytest.raises(OSError):
-        led.charge([Mechanism(2.0, 0.1, 5)], run="r", purpose="x")
-    monkeypatch.undo()
-    assert path.read_bytes() == before
-    assert [p.name for p in tmp_path.iterdir() if p.suffix == ".tmp"] == []
+def test_failed_write_keeps_previous_ledger(tmp_path):
+    path = tmp_path / "l.json"
+    led = open_ledger(path)
+    led.charge([Mechanism(2.0, 0.1, 5)], run="r", purpose="x")
+    before = _on_disk(path)
+    conn = led._db.conn
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    conn.execute(f"PRAGMA max_page_count = {pages}")  # the disk is full
+    with pytest.raises(LedgerError, match="full"):
+        led.charge([Mechanism(2.0, 0.1, 5)], run="r", purpose="x" * 20_000)
+    assert not conn.in_transaction and len(led.entries) == 1
+    assert _on_disk(path) == before
+    conn.execute("PRAGMA max_page_count = 1073741823")
+    led.charge([Mechanism(2.0, 0.1, 5)], run="r", purpose="x")
+    assert [e["purpose"] for e in open_ledger(path).entries] == ["x", "x"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith((".new", ".tmp"))] == []
 
 
 def test_crash_between_charge_and_send_never_under_records(node_configs, run_settings, monkeypatch):
