@@ -28,6 +28,7 @@ or stretch it past its planned rounds.
 from __future__ import annotations
 
 import contextlib
+import atexit
 import functools
 import json
 import os
@@ -477,6 +478,11 @@ def close_connections() -> None:
     with _CONNS_LOCK:
         for key in [k for k in _CONNS if k[0] == os.getpid()]:
             _forget(_CONNS.pop(key))
+
+
+# At exit, not at teardown: the last connection to close folds the WAL into the ledger file, and
+# the CLI skips teardown's garbage collection (fedalloc/cli.py), which would otherwise close them.
+atexit.register(close_connections)
 
 
 def _forget(db: _Db) -> None:

@@ -36,6 +36,10 @@ def test_simulate_prints_no_noise(tmp_path, engine):
     assert "results in" in output, output
     found = {what: m.group(0) for what, rx in NOISE.items() if (m := rx.search(output))}
     assert not found, f"{found} in the output of `fedalloc simulate --engine {engine}`:\n{output}"
+    # The command closed its ledgers on the way out: each is one self-contained file, no WAL left.
+    ledgers = sorted(tmp_path.glob("*/nodes/ledgers/*.json"))
+    assert len(ledgers) == 3, ledgers
+    assert not list(tmp_path.glob("**/*-wal")), list(tmp_path.glob("**/*-wal"))
 
 
 def test_only_the_known_flower_notices_are_filtered():
