@@ -27,8 +27,8 @@ or stretch it past its planned rounds.
 
 from __future__ import annotations
 
-import contextlib
 import atexit
+import contextlib
 import functools
 import json
 import os
@@ -43,7 +43,7 @@ from urllib.parse import quote
 
 from filelock import FileLock
 
-from core.atomic import atomic_write_bytes
+from core.atomic import atomic_write_bytes, fsync_path
 from client.accounting import (ADD_REMOVE, DPSGD, REPLACE_ONE, EntryKey, Mechanism, MechanismLike, entry_key,
                                epsilon, epsilon_of_keys, has_state, history_key, load_state, save_state)
 
@@ -595,7 +595,7 @@ def _create(path: Path, node: str, budget: float, delta: float) -> None:
                 if os.path.lexists(path):
                     return
                 os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_path(path.parent)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -616,11 +616,7 @@ def _build(path: Path, meta: dict[str, Any], entries: list[dict[str, Any]], plan
             conn.close()  # the last connection: checkpoints the WAL into the file and removes it
         if os.path.exists(f"{tmp}-wal"):
             raise LedgerError(f"{path}: could not finish writing the new ledger ({tmp}-wal remains)")
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_path(tmp)
     except BaseException:
         for leftover in (tmp, Path(f"{tmp}-wal"), Path(f"{tmp}-shm")):
             with contextlib.suppress(FileNotFoundError):
@@ -679,7 +675,7 @@ def _migrate(path: Path) -> None:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
             raise
-        _fsync_dir(path.parent)
+        fsync_path(path.parent)
 
 
 def _read_json(path: Path, raw: bytes) -> tuple[dict[str, Any], str]:
@@ -746,14 +742,6 @@ def _stale_wal(path: Path) -> LedgerError:
     """SQLite finds a database's log by name: a ledger put at `path` would replay this one."""
     return LedgerError(f"{path}: no SQLite ledger here but a write-ahead log {path}-wal remains (a ledger deleted "
                        "while in use?); restore the ledger, or stop its processes and remove the log")
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _now() -> str:
